@@ -1,0 +1,1 @@
+"""The device half of cdcca: runs on the laptop, never imports torch or transformers."""

@@ -1,0 +1,134 @@
+"""Wire schemas: the single definition of what crosses the network (device <-> cloud).
+
+The device's httpx client and the cloud's FastAPI server both import these pydantic models,
+so a field can only change in one place.  Binary payloads travel base64-encoded inside JSON
+(pydantic's ``Base64Bytes``): samples are small after UTS, and JSON keeps the API inspectable.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
+
+SAMPLE_ID_PATTERN = r"^[0-9a-f]{16,64}$"
+MAX_TEXT = 4096
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VisualTokens(_Strict):
+    """The selected projected image embeddings (UTS token stage), quantized for the uplink."""
+
+    indices: list[int] = Field(description="patch indices kept, row-major over the patch grid")
+    n_total: int = Field(ge=1, description="number of visual tokens before selection")
+    dim: int = Field(ge=1)
+    dtype: Literal["f16", "q8"] = "f16"
+    scale: list[float] = Field(default_factory=list, description="per-token scale for q8")
+    data: Base64Bytes
+
+
+class TokenStats(_Strict):
+    """The uncertain answer tokens kept by UTS (positions index the device's answer tokens)."""
+
+    positions: list[int]
+    token_ids: list[int]
+    entropy: list[float]
+
+
+class UplinkSample(_Strict):
+    """One uncertain sample selected on the device by UTS."""
+
+    sample_id: str = Field(pattern=SAMPLE_ID_PATTERN, description="stable content id: re-sends are idempotent")
+    base_model: str = Field(max_length=128, description="content hash of the device model the answer came from")
+    prompt: str = Field(max_length=MAX_TEXT)
+    answer: str = Field(max_length=MAX_TEXT)
+    answer_token_ids: list[int] = Field(default_factory=list)
+    image: Base64Bytes | None = Field(None, description="compactly re-encoded image (PNG/WebP), UTS-masked")
+    image_format: Literal["png", "webp", "jpeg"] | None = None
+    image_patch_kept: list[int] | None = Field(None, description="patches left unmasked in `image`")
+    visual_tokens: VisualTokens | None = None
+    tokens: TokenStats
+    score: float = Field(description="sample-level uncertainty that passed the UTS sample stage")
+    ood_score: float = Field(0.0, description="input-side out-of-distribution score of the image")
+    raw_bytes: int = Field(ge=0, description="bytes a no-selection uplink would send for this sample")
+    tag: str | None = Field(None, max_length=64, description="optional label, e.g. the generated domain")
+
+
+# --- uplink / round API (cloud server <-> device client) -------------------------------------
+
+MAX_UPLOAD_SAMPLES = 256
+RoundState = Literal["queued", "running", "done", "failed", "cancelled"]
+TERMINAL_ROUND_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+
+
+class UploadRequest(_Strict):
+    """One batch of queued samples; the client splits bigger queues into several requests."""
+
+    samples: list[UplinkSample] = Field(min_length=1, max_length=MAX_UPLOAD_SAMPLES)
+
+
+class UploadResponse(_Strict):
+    """Both lists count as acknowledged: the device may forget every id in either one."""
+
+    accepted: list[str] = Field(default_factory=list, description="ids stored by this request")
+    duplicates: list[str] = Field(default_factory=list, description="ids the cloud already had")
+
+
+class SampleCounts(_Strict):
+    total: int = Field(ge=0, description="samples this device has uploaded")
+    unused: int = Field(ge=0, description="samples no finished round has learned from yet")
+
+
+class RoundOptions(_Strict):
+    """Knobs of one adaptation round; defaults follow the paper's operating point."""
+
+    downlink_budget_bytes: int = Field(1 << 20, ge=1, description="largest patch the device accepts")
+    steps: int = Field(100, ge=1, le=1_000_000, description="distillation optimizer steps")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    seed: int = Field(0, ge=0)
+    max_samples: int | None = Field(256, ge=1, description="cap on samples used, oldest first (FIFO); None = all")
+
+
+class RoundRequest(_Strict):
+    base_model: str = Field(min_length=1, max_length=128, description="content hash of the device model")
+    options: RoundOptions = Field(default_factory=RoundOptions)
+
+
+class RoundStatus(_Strict):
+    round_id: str
+    state: RoundState
+    stage: str = ""
+    progress: float = Field(0.0, ge=0.0, le=1.0)
+    message: str = ""
+    base_model: str = ""
+    n_samples: int = Field(0, ge=0, description="samples the round learns from (known once running)")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    patch_bytes: int | None = None
+    patch_sha256: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_ROUND_STATES
+
+
+class DeviceInfo(_Strict):
+    """What the cloud knows about the caller: lets a device check its token in one request."""
+
+    name: str
+    created_at: datetime
+    samples: SampleCounts
+
+
+class Health(_Strict):
+    """Unauthenticated liveness probe; also tells clients the upload limits to batch under."""
+
+    ok: bool = True
+    version: str
+    max_upload_bytes: int
+    max_upload_samples: int = MAX_UPLOAD_SAMPLES

@@ -1,0 +1,303 @@
+"""The device runtime: a GGUF text model (+ optional mmproj) in llama.cpp, with a decode loop
+that sees the FULL next-token logits of every step.
+
+We drive libmtmd chunk by chunk instead of using a chat handler so that (1) the image's projected
+embeddings -- the visual tokens UTS ranks -- are read straight from the encoder, and (2) every
+decode step hands the full-vocabulary logits (a zero-copy numpy view) to the uncertainty hook:
+exact entropy at almost no cost, with no ``logits_all`` memory and no top-k truncation.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from device.contracts import prompt
+
+LogitsHook = Callable[[np.ndarray], None]
+
+
+class RuntimeError_(RuntimeError):
+    """A model could not be loaded or run; the message is one line naming the file."""
+
+
+ModelError = RuntimeError_
+
+
+@dataclass
+class RuntimeConfig:
+    model_path: Path
+    mmproj_path: Path | None = None
+    n_threads: int = 2
+    n_ctx: int = 512
+    n_batch: int = 512
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    pieces: list[str]
+    visual_embeddings: np.ndarray | None  # [n_visual_tokens, n_embd] float32, as fed to the decoder
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.decode_s if self.decode_s > 0 else float("inf")
+
+
+def _silence_llama_logs() -> None:
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    @llama_cpp.llama_log_callback
+    def _quiet(level, text, user_data):  # noqa: ARG001
+        return None
+
+    global _LOG_CB  # keep a reference so ctypes does not free the callback
+    _LOG_CB = _quiet
+    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
+    try:
+        mtmd_cpp.mtmd_helper_log_set(_quiet, ctypes.c_void_p(0))
+    except Exception:  # pragma: no cover - older builds
+        pass
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise ModelError(f"{path}: no such {what} file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file (bad magic)")
+
+
+class Runtime:
+    """A loaded device model. Not thread-safe: one generation at a time."""
+
+    def __init__(self, cfg: RuntimeConfig):
+        self.cfg = cfg
+        self._llama = None
+        self._mtmd = None
+        self._load()
+
+    # ------------------------------------------------------------ loading
+    def _load(self) -> None:
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+
+        _silence_llama_logs()
+        c = self.cfg
+        _check_file(Path(c.model_path), "model")
+        if c.mmproj_path is not None:
+            _check_file(Path(c.mmproj_path), "mmproj")
+        try:
+            self._llama = llama_cpp.Llama(model_path=str(c.model_path), n_ctx=c.n_ctx, n_batch=c.n_batch,
+                                          n_threads=c.n_threads, n_threads_batch=c.n_threads, seed=c.seed,
+                                          verbose=False)
+        except Exception as e:
+            raise ModelError(f"{c.model_path}: llama.cpp could not load the model ({str(e).splitlines()[0]})") from None
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._llama.model)
+        if c.mmproj_path is not None:
+            p = mtmd_cpp.mtmd_context_params_default()
+            p.use_gpu = False
+            p.n_threads = c.n_threads
+            p.print_timings = False
+            p.warmup = False
+            ctx = mtmd_cpp.mtmd_init_from_file(str(c.mmproj_path).encode(), self._llama.model, p)
+            if not ctx:
+                self.close()
+                raise ModelError(f"{c.mmproj_path}: libmtmd could not load this mmproj for {Path(c.model_path).name} "
+                                 "(wrong file, or its projection size does not match the text model)")
+            self._mtmd = ctx
+
+    def reload(self, model_path: Path | None = None, mmproj_path: Path | None = None) -> float:
+        """Re-open the (patched) files; returns seconds taken. llama.cpp memory-maps the model,
+        so a reload is what makes new bytes visible."""
+        t = time.perf_counter()
+        self.close()
+        if model_path is not None:
+            self.cfg.model_path = Path(model_path)
+        if mmproj_path is not None:
+            self.cfg.mmproj_path = Path(mmproj_path)
+        self._load()
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        from llama_cpp import mtmd_cpp
+
+        if self._mtmd is not None:
+            mtmd_cpp.mtmd_free(self._mtmd)
+            self._mtmd = None
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def has_vision(self) -> bool:
+        return self._mtmd is not None
+
+    @property
+    def image_size(self) -> int:
+        from llama_cpp import mtmd_cpp  # noqa: F401
+
+        return self._image_size_from_gguf()
+
+    def _image_size_from_gguf(self) -> int:
+        if not hasattr(self, "_img_size"):
+            from gguf import GGUFReader
+
+            r = GGUFReader(str(self.cfg.mmproj_path), "r")
+            self._img_size = int(r.get_field("clip.vision.image_size").contents())
+            self._patch = int(r.get_field("clip.vision.patch_size").contents())
+        return self._img_size
+
+    @property
+    def patch_size(self) -> int:
+        self._image_size_from_gguf()
+        return self._patch
+
+    # ------------------------------------------------------------ text helpers
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        return self._llama.tokenize(text.encode(), add_bos=add_bos, special=False)
+
+    def piece(self, token: int) -> str:
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # ------------------------------------------------------------ prefill
+    def _bitmap(self, rgb: np.ndarray):
+        from llama_cpp import mtmd_cpp
+
+        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+        h, w, _ = rgb.shape
+        buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+        bmp = mtmd_cpp.mtmd_bitmap_init(w, h, buf)
+        if not bmp:
+            raise ModelError("libmtmd could not create a bitmap from the image")
+        return bmp
+
+    def prefill(self, question: str, image: np.ndarray | None) -> tuple[int, np.ndarray | None, list[int]]:
+        """Evaluate the prompt; returns (n_past, visual embeddings or None, prompt token ids)."""
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+
+        self._clear_memory()
+        if image is not None and self._mtmd is None:
+            raise ModelError("an image was given but no mmproj is loaded (text-only model)")
+        if image is None:
+            ids = self.tokenize(prompt.prompt_text(question, False), add_bos=True)
+            self._decode_tokens(ids, 0)
+            return len(ids), None, ids
+        text = prompt.prompt_text(question, True).encode()
+        inp = mtmd_cpp.mtmd_input_text(text, len(text), True, False)
+        chunks = mtmd_cpp.mtmd_input_chunks_init()
+        bmp = self._bitmap(image)
+        try:
+            arr = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bmp)
+            if mtmd_cpp.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(inp), arr, 1) != 0:
+                raise ModelError("libmtmd failed to tokenize the prompt")
+            n_past, embd, ids = 0, None, []
+            for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+                kind = mtmd_cpp.mtmd_input_chunk_get_type(chunk)
+                if kind == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t(0)
+                    ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    toks = [ptr[j] for j in range(n.value)]
+                    ids += toks
+                    n_past = self._decode_tokens(toks, n_past)
+                else:
+                    if mtmd_cpp.mtmd_encode_chunk(self._mtmd, chunk) != 0:
+                        raise ModelError("libmtmd failed to encode the image")
+                    n_tok = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+                    ptr = mtmd_cpp.mtmd_get_output_embd(self._mtmd)
+                    embd = np.ctypeslib.as_array(ptr, shape=(n_tok * self.n_embd,)).reshape(n_tok, self.n_embd).copy()
+                    new_past = llama_cpp.llama_pos(0)
+                    if mtmd_cpp.mtmd_helper_decode_image_chunk(self._mtmd, self._llama.ctx, chunk, ptr, n_past, 0,
+                                                               self.cfg.n_batch, ctypes.byref(new_past),
+                                                               mtmd_cpp.mtmd_helper_post_decode_callback(), None) != 0:
+                        raise ModelError("llama.cpp failed to decode the image embeddings")
+                    n_past = new_past.value
+            return n_past, embd, ids
+        finally:
+            mtmd_cpp.mtmd_bitmap_free(bmp)
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+
+    def _clear_memory(self) -> None:
+        import llama_cpp
+
+        self._llama.reset()
+        mem = llama_cpp.llama_get_memory(self._llama.ctx)
+        if mem is not None:
+            llama_cpp.llama_memory_clear(mem, True)
+
+    def _decode_tokens(self, toks: list[int], n_past: int) -> int:
+        import llama_cpp
+
+        if n_past + len(toks) > self.cfg.n_ctx:
+            raise ModelError(f"prompt too long for the context ({n_past + len(toks)} > n_ctx={self.cfg.n_ctx})")
+        arr = (llama_cpp.llama_token * len(toks))(*toks)
+        batch = llama_cpp.llama_batch_get_one(arr, len(toks))
+        if llama_cpp.llama_decode(self._llama.ctx, batch) != 0:
+            raise ModelError("llama_decode failed")
+        return n_past + len(toks)
+
+    def logits(self) -> np.ndarray:
+        """Zero-copy view of the last position's full-vocabulary logits (valid until next decode)."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self._llama.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    # ------------------------------------------------------------ generation
+    def generate(self, question: str, image: np.ndarray | None = None, max_tokens: int = 16,
+                 logits_hook: LogitsHook | None = None, on_token: Callable[[int, str], None] | None = None) -> Generation:
+        """Greedy decode. ``logits_hook`` sees each step's full logits before the token is chosen."""
+        t0 = time.perf_counter()
+        n_past, embd, ids = self.prefill(question, image)
+        t1 = time.perf_counter()
+        out, pieces = [], []
+        for _ in range(max_tokens):
+            lg = self.logits()
+            if logits_hook is not None:
+                logits_hook(lg)
+            tok = int(lg.argmax())
+            if self.is_eog(tok):
+                break
+            out.append(tok)
+            pieces.append(self.piece(tok))
+            if on_token is not None:
+                on_token(tok, pieces[-1])
+            n_past = self._decode_tokens([tok], n_past)
+        t2 = time.perf_counter()
+        return Generation("".join(pieces).strip(), out, pieces, embd, len(ids) + (0 if embd is None else len(embd)),
+                          t1 - t0, t2 - t1)
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
