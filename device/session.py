@@ -1,0 +1,89 @@
+"""One chat turn on the device: image + question -> streamed answer with exact per-token
+uncertainty -> UTS decision -> durable queue.  The CLI and the TUI both drive this; no UI code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from device.contracts.image import decode_image, read_image_bytes
+from device.models import DeviceModel
+from device.queue import Queue
+from device.runtime import Generation, Runtime, RuntimeConfig
+from device.uncertainty import TokenUncertainty, UncertaintyRecorder
+from device.uts import ChatRecord, SampleGate, UTSConfig, UTSDecision, select
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str
+    pieces: list[str]
+    tokens: list[TokenUncertainty]
+    decision: UTSDecision | None
+    queued: bool
+    generation: Generation
+    image_path: Path | None = None
+
+    @property
+    def mean_entropy(self) -> float:
+        n = len(self.pieces)
+        return float(np.mean([t.entropy for t in self.tokens[:n]])) if n else 0.0
+
+
+@dataclass
+class ChatSession:
+    model: DeviceModel
+    runtime: Runtime
+    queue: Queue | None = None
+    uts: UTSConfig = field(default_factory=UTSConfig)
+    max_tokens: int = 16
+    tag: str | None = None
+
+    def __post_init__(self):
+        self.gate = SampleGate(self.uts)
+
+    @classmethod
+    def open(cls, model: DeviceModel, threads: int = 2, n_ctx: int = 512, queue: Queue | None = None,
+             uts: UTSConfig | None = None, max_tokens: int = 16) -> "ChatSession":
+        rt = Runtime(RuntimeConfig(model.model, model.mmproj, n_threads=threads, n_ctx=n_ctx))
+        return cls(model, rt, queue, uts or UTSConfig(), max_tokens)
+
+    def load_image(self, path: str | Path) -> tuple[bytes, np.ndarray]:
+        """Read and validate an image BEFORE any work, so a bad file costs nothing."""
+        if not self.runtime.has_vision:
+            raise ValueError("this model has no mmproj (text-only); start it with --mmproj to ask about images")
+        data = read_image_bytes(path)
+        return data, decode_image(data, self.runtime.image_size, str(path))
+
+    def ask(self, question: str, image: str | Path | None = None,
+            on_token: Callable[[str, TokenUncertainty], None] | None = None,
+            image_data: tuple[bytes, np.ndarray] | None = None) -> Turn:
+        question = question.strip()
+        if not question:
+            raise ValueError("empty question")
+        img_bytes, rgb = image_data if image_data is not None else (self.load_image(image) if image else (None, None))
+        rec = UncertaintyRecorder()
+        cb = (lambda tok, piece: on_token(piece, rec.tokens[-1])) if on_token else None
+        gen = self.runtime.generate(question, rgb, self.max_tokens, logits_hook=rec, on_token=cb)
+        toks = list(rec.tokens)
+        decision, queued = None, False
+        if self.queue is not None:
+            chat = ChatRecord(question, gen.text, gen.token_ids, toks, self.runtime.n_vocab, self.model.id,
+                              img_bytes, rgb, self.runtime.patch_size if rgb is not None else 8,
+                              gen.visual_embeddings, self.tag)
+            decision = select(chat, self.uts, self.model.stats, self.gate)
+            if decision.kept and decision.sample is not None:
+                self.queue.add(decision.sample, decision.shipped_bytes)
+                queued = True
+        return Turn(question, gen.text, gen.pieces, toks, decision, queued, gen, Path(image) if image else None)
+
+    def reload(self, model: DeviceModel) -> float:
+        self.model = model
+        return self.runtime.reload(model.model, model.mmproj)
+
+    def close(self) -> None:
+        self.runtime.close()
