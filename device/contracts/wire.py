@@ -89,7 +89,7 @@ class RoundOptions(_Strict):
     steps: int = Field(100, ge=1, le=1_000_000, description="distillation optimizer steps")
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     seed: int = Field(0, ge=0)
-    max_samples: int | None = Field(256, ge=1, description="cap on samples used, oldest first (FIFO); None = all")
+    max_samples: int | None = Field(256, ge=1, description="samples used, oldest first; None = all")
 
 
 class RoundRequest(_Strict):

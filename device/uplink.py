@@ -1,0 +1,386 @@
+"""The device's HTTP client for the cloud (httpx): upload queued samples, run rounds, fetch patches.
+
+Torch-free and cloud-free by design: it speaks only the wire schemas in ``device.contracts``.
+Networks on laptops fail, so transient failures (no connection, timeouts, 5xx, 429) are retried
+with exponential backoff and full jitter; anything the cloud *decided* (other 4xx) is raised at
+once as a :class:`CloudError` with a one-line reason, because retrying a refusal only hides it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from tqdm import tqdm
+
+from device.contracts.wire import (
+    MAX_UPLOAD_SAMPLES, DeviceInfo, Health, RoundRequest, RoundStatus, SampleCounts,
+    UploadRequest, UploadResponse, UplinkSample,
+)
+
+# 501/505 are 5xx but permanent ("not implemented"): retrying cannot help.
+_PERMANENT_5XX = frozenset({501, 505})
+# A non-idempotent request is retried only when it certainly never reached the application.
+_NOT_PROCESSED = frozenset({429, 503})
+_JSON_OVERHEAD = 64  # bytes of '{"samples":[...]}' framing, generously
+
+
+class CloudError(Exception):
+    """The cloud refused or failed a request; ``str()`` is a one-line, user-facing reason."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class CloudUnavailable(CloudError):
+    """The cloud could not be reached (or kept failing) after all retries."""
+
+
+class RoundTimeout(CloudError):
+    """``wait_round`` gave up before the round finished (the round itself keeps going)."""
+
+
+@dataclass
+class UploadResult:
+    accepted: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def acknowledged(self) -> list[str]:
+        """Ids the cloud holds now: the device may forget them."""
+        return self.accepted + self.duplicates
+
+    def add(self, response: UploadResponse) -> None:
+        self.accepted += response.accepted
+        self.duplicates += response.duplicates
+
+
+@dataclass(frozen=True)
+class DownloadedPatch:
+    path: Path
+    sha256: str
+    bytes: int
+
+
+_REASONS = {
+    401: "cloud needs a device token",
+    403: "cloud rejected the token",
+    404: "cloud has no such resource",
+    409: "cloud refused in the current state",
+    413: "cloud refused an upload as too large",
+    422: "cloud rejected the request as invalid",
+}
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", "")
+    except (ValueError, AttributeError):
+        detail = response.text
+    if not isinstance(detail, str):
+        detail = str(detail)
+    return " ".join(detail.split())[:300] or response.reason_phrase
+
+
+def _error_for(response: httpx.Response) -> CloudError:
+    status = response.status_code
+    reason = _REASONS.get(status, "cloud error")
+    return CloudError(f"{reason} ({status}): {_detail(response)}", status)
+
+
+def _retryable_status(status: int, idempotent: bool) -> bool:
+    if not idempotent:
+        return status in _NOT_PROCESSED
+    return status == 429 or (status >= 500 and status not in _PERMANENT_5XX)
+
+
+def _retryable_exc(exc: httpx.HTTPError, idempotent: bool) -> bool:
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return True  # the request never left: safe for every method
+    return idempotent and isinstance(exc, (httpx.TimeoutException, httpx.NetworkError,
+                                           httpx.RemoteProtocolError))
+
+
+class CloudClient:
+    """One cloud endpoint and one device token.  ``transport`` lets tests plug in
+    ``httpx.MockTransport`` / ``httpx.ASGITransport`` instead of sockets."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0, retries: int = 5,
+                 backoff: float = 0.5, max_backoff: float = 8.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retries = max(0, retries)
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
+                                  transport=transport)
+        self._health: Health | None = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CloudClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # --- retry core ---------------------------------------------------------------------------
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """Full jitter (uniform in [0, cap]) keeps a fleet of devices from retrying in lockstep;
+        a server's Retry-After wins when it asks for longer."""
+        cap = min(self.max_backoff, self.backoff * (2 ** attempt))
+        delay = random.uniform(0, cap)
+        if response is not None:
+            try:
+                delay = max(delay, min(self.max_backoff, float(response.headers["retry-after"])))
+            except (KeyError, ValueError):
+                pass
+        return delay
+
+    @contextmanager
+    def _send(self, method: str, path: str, *, idempotent: bool = True, stream: bool = False,
+              **kwargs: Any) -> Iterator[httpx.Response]:
+        """Send with retries; yields a successful (2xx) response, raises CloudError otherwise."""
+        tries = self.retries + 1
+        last = ""
+        for attempt in range(tries):
+            response: httpx.Response | None = None
+            try:
+                request = self._http.build_request(method, path, **kwargs)
+                response = self._http.send(request, stream=stream)
+            except httpx.HTTPError as exc:
+                if not _retryable_exc(exc, idempotent):
+                    raise CloudError(f"request to {self.base_url}{path} failed: {exc!r}") from exc
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                if response.is_success:
+                    try:
+                        yield response
+                    finally:
+                        response.close()
+                    return
+                if stream:
+                    response.read()
+                response.close()
+                if not _retryable_status(response.status_code, idempotent):
+                    raise _error_for(response)
+                last = f"HTTP {response.status_code}: {_detail(response)}"
+            if attempt + 1 < tries:
+                time.sleep(self._delay(attempt, response))
+        raise CloudUnavailable(
+            f"cloud at {self.base_url} is unreachable after {tries} tries: {last}")
+
+    def _json(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> Any:
+        with self._send(method, path, idempotent=idempotent, **kwargs) as response:
+            return response.json()
+
+    # --- API ----------------------------------------------------------------------------------
+    def health(self) -> Health:
+        self._health = Health.model_validate(self._json("GET", "/v1/health"))
+        return self._health
+
+    def me(self) -> DeviceInfo:
+        return DeviceInfo.model_validate(self._json("GET", "/v1/me"))
+
+    def sample_counts(self) -> SampleCounts:
+        return SampleCounts.model_validate(self._json("GET", "/v1/samples/count"))
+
+    def upload(self, samples: Sequence[UplinkSample], batch_size: int = 32, progress: bool = True,
+               on_ack: Callable[[list[str]], None] | None = None) -> UploadResult:
+        """Upload in batches that fit both ``batch_size`` and the cloud's advertised limits.
+        ``on_ack`` sees each batch's acknowledged ids as soon as the cloud confirms them, so a
+        failure later in the call never loses confirmations already received."""
+        result = UploadResult()
+        if not samples:
+            return result
+        bodies = self._batches(samples, batch_size)
+        with tqdm(total=len(samples), unit="sample", desc="uplink", disable=not progress) as bar:
+            for batch in bodies:
+                body = UploadRequest(samples=batch).model_dump_json().encode()
+                data = self._json("POST", "/v1/samples", content=body,
+                                  headers={"Content-Type": "application/json"})
+                response = UploadResponse.model_validate(data)
+                result.add(response)
+                if on_ack is not None:
+                    on_ack(response.accepted + response.duplicates)
+                bar.update(len(batch))
+        return result
+
+    def _batches(self, samples: Sequence[UplinkSample], batch_size: int) -> list[list[UplinkSample]]:
+        """Split by count and by encoded size, so no request can trip the cloud's 413."""
+        limits = self._health or self.health()
+        max_count = max(1, min(batch_size, limits.max_upload_samples, MAX_UPLOAD_SAMPLES))
+        max_bytes = limits.max_upload_bytes - _JSON_OVERHEAD
+        batches: list[list[UplinkSample]] = []
+        current: list[UplinkSample] = []
+        size = 0
+        for sample in samples:
+            n = len(sample.model_dump_json().encode()) + 1  # +1 for the separating comma
+            if n > max_bytes:
+                raise CloudError(f"sample {sample.sample_id} is {n} bytes, over the cloud's "
+                                 f"upload limit of {limits.max_upload_bytes} bytes", 413)
+            if current and (len(current) >= max_count or size + n > max_bytes):
+                batches.append(current)
+                current, size = [], 0
+            current.append(sample)
+            size += n
+        if current:
+            batches.append(current)
+        return batches
+
+    def start_round(self, req: RoundRequest) -> RoundStatus:
+        """Not idempotent (each call queues a round), so only retried when surely not processed."""
+        data = self._json("POST", "/v1/rounds", idempotent=False,
+                          content=req.model_dump_json().encode(),
+                          headers={"Content-Type": "application/json"})
+        return RoundStatus.model_validate(data)
+
+    def round_status(self, round_id: str) -> RoundStatus:
+        return RoundStatus.model_validate(self._json("GET", f"/v1/rounds/{round_id}"))
+
+    def list_rounds(self) -> list[RoundStatus]:
+        return [RoundStatus.model_validate(r) for r in self._json("GET", "/v1/rounds")]
+
+    def cancel_round(self, round_id: str) -> RoundStatus:
+        # Cancelling twice is harmless, so this POST may be retried like a read.
+        return RoundStatus.model_validate(self._json("POST", f"/v1/rounds/{round_id}/cancel"))
+
+    def wait_round(self, round_id: str, on_progress: Callable[[RoundStatus], None] | None = None,
+                   poll: float = 0.5, timeout: float | None = None) -> RoundStatus:
+        """Poll until the round is done/failed/cancelled and return that final status;
+        ``on_progress`` is called whenever stage, progress or message change."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: tuple[Any, ...] | None = None
+        while True:
+            status = self.round_status(round_id)
+            key = (status.state, status.stage, status.progress, status.message)
+            if on_progress is not None and key != seen:
+                on_progress(status)
+            seen = key
+            if status.finished:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RoundTimeout(f"round {round_id} still {status.state} ({status.stage}, "
+                                   f"{status.progress:.0%}) after {timeout:g} s")
+            time.sleep(poll)
+
+    def download_patch(self, round_id: str, dest_path: str | os.PathLike[str]) -> DownloadedPatch:
+        """Stream the patch to a temp file beside ``dest_path``, verify its SHA-256 against the
+        cloud's header, fsync, then rename: ``dest_path`` is either absent or the whole patch."""
+        dest = Path(dest_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with self._send("GET", f"/v1/rounds/{round_id}/patch", stream=True) as response:
+            expected = response.headers.get("x-patch-sha256", "").lower()
+            if not expected:
+                raise CloudError(f"cloud sent the patch of round {round_id} without X-Patch-SHA256")
+            tmp, digest, size = self._stream_to_temp(response, dest)
+        try:
+            if digest != expected:
+                raise CloudError(f"patch of round {round_id} is corrupt: sha256 {digest[:12]}... "
+                                 f"!= announced {expected[:12]}...")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(dest.parent)
+        return DownloadedPatch(dest, digest, size)
+
+    @staticmethod
+    def _stream_to_temp(response: httpx.Response, dest: Path) -> tuple[Path, str, int]:
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        tmp = Path(name)
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in response.iter_bytes(1 << 16):
+                    f.write(chunk)
+                    h.update(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, httpx.HTTPError):
+                raise CloudError(f"patch download of {dest.name} broke off: {exc!r}") from exc
+            raise
+        return tmp, h.hexdigest(), size
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- queue sync -------------------------------------------------------------------------------
+class QueueRow(Protocol):
+    """A queued row carrying the sample's wire JSON (``pending`` may also hand back parsed
+    :class:`UplinkSample` objects directly; both are accepted)."""
+
+    sample_id: str
+    payload: bytes
+
+
+class UplinkQueue(Protocol):
+    """The slice of ``device.queue`` that syncing needs (pending -> sent -> acknowledged)."""
+
+    def reset_sent_to_pending(self) -> Any: ...
+    def pending(self, limit: int) -> Sequence[QueueRow | UplinkSample]: ...
+    def mark_sent(self, ids: Sequence[str]) -> Any: ...
+    def mark_acknowledged(self, ids: Sequence[str]) -> Any: ...
+
+
+def sync_queue(queue: UplinkQueue, client: CloudClient, batch_size: int = 32,
+               progress: bool = False) -> UploadResult:
+    """Send every pending sample; acknowledge exactly what the cloud confirmed.
+
+    Rows marked 'sent' by a crashed earlier run are reset to pending first and simply re-sent:
+    uploads are idempotent on ``sample_id``, so the cloud answers them as duplicates.  If the
+    cloud fails mid-way the error propagates, confirmed batches stay acknowledged and the rest
+    wait for the next sync.
+    """
+    queue.reset_sent_to_pending()
+    total = UploadResult()
+    seen: set[str] = set()
+    while rows := list(queue.pending(batch_size)):
+        ids = [row.sample_id for row in rows]
+        if seen.issuperset(ids):
+            break  # the queue keeps handing back rows it was told about: do not spin
+        seen.update(ids)
+        samples = [_parse_row(row) for row in rows]
+        queue.mark_sent(ids)
+        wanted = set(ids)
+        result = client.upload(samples, batch_size=batch_size, progress=progress,
+                               on_ack=lambda acked: queue.mark_acknowledged(
+                                   [i for i in acked if i in wanted]))
+        total.accepted += result.accepted
+        total.duplicates += result.duplicates
+    return total
+
+
+def _parse_row(row: QueueRow | UplinkSample) -> UplinkSample:
+    if isinstance(row, UplinkSample):
+        return row
+    try:
+        return UplinkSample.model_validate_json(row.payload)
+    except ValueError as exc:
+        raise CloudError(f"queued sample {row.sample_id} is not a valid UplinkSample: "
+                         f"{str(exc).splitlines()[0]}") from exc

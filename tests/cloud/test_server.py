@@ -1,0 +1,296 @@
+"""cloud.server: auth, isolation, body limits, validation, idempotent upload, round lifecycle."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cloud.rounds import RoundContext
+from cloud.server import create_app
+from cloud.store import Store
+from device.contracts.config import load_settings
+from device.contracts.wire import RoundRequest, TokenStats, UplinkSample
+
+PATCH = b"GGUF-test-patch" * 10
+
+
+def make_sample(i: int) -> UplinkSample:
+    return UplinkSample(
+        sample_id=f"{i:016x}", base_model="m0", prompt=f"what is in picture {i}?", answer="a dog",
+        tokens=TokenStats(positions=[0], token_ids=[7], entropy=[2.5]), score=0.9, raw_bytes=500)
+
+
+def upload_body(*ids: int) -> dict[str, Any]:
+    return {"samples": [make_sample(i).model_dump(mode="json") for i in ids]}
+
+
+class GatedRunner:
+    """Test scaffolding: reports progress, then waits for the test to open the gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.fail_with: Exception | None = None
+        self.write_patch = True
+        self.seen: list[RoundContext] = []
+
+    def __call__(self, ctx: RoundContext) -> dict[str, Any]:
+        self.seen.append(ctx)
+        ctx.progress("distil", 0.5, "halfway")
+        self.started.set()
+        while not self.gate.wait(0.01):
+            ctx.progress("distil", 0.5, "halfway")  # a cancellation point, as real runners have
+        if self.fail_with is not None:
+            raise self.fail_with
+        if self.write_patch:
+            ctx.patch_path.write_bytes(PATCH)
+        ctx.progress("compress", 1.0)
+        return {"n": len(ctx.samples), "steps": ctx.options.steps}
+
+
+@pytest.fixture
+def runner() -> GatedRunner:
+    return GatedRunner()
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: GatedRunner):
+    monkeypatch.setenv("CDCCA_HOME", str(tmp_path))
+    app = create_app(load_settings(home=tmp_path, max_upload_bytes=64 * 1024), round_runner=runner)
+    yield app
+    runner.gate.set()
+    app.state.rounds.shutdown(wait=True)
+    app.state.store.close()
+
+
+@pytest.fixture
+def client(app) -> TestClient:
+    return TestClient(app)
+
+
+@pytest.fixture
+def auth(app) -> Callable[[str], dict[str, str]]:
+    def make(name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {app.state.store.add_device(name)}"}
+    return make
+
+
+def wait_for(fetch: Callable[[], dict], done: Callable[[dict], bool], timeout: float = 5) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+def test_health_is_public_and_openapi_is_served(client: TestClient) -> None:
+    body = client.get("/v1/health").json()
+    assert body["ok"] is True and body["max_upload_bytes"] == 64 * 1024 and body["version"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/samples", "/v1/rounds/{round_id}/patch"} <= set(paths)
+
+
+@pytest.mark.parametrize("header", [None, "Basic abc", "Bearer ", "token-without-scheme"])
+def test_missing_token_is_401(client: TestClient, header: str | None) -> None:
+    headers = {"Authorization": header} if header is not None else {}
+    r = client.post("/v1/samples", json=upload_body(1), headers=headers)
+    assert r.status_code == 401
+    assert "bearer token" in r.json()["detail"]
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_wrong_token_is_403(client: TestClient, auth) -> None:
+    auth("lap")
+    r = client.get("/v1/samples/count", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 403
+    assert r.json()["detail"] == "unknown or revoked device token"
+
+
+def test_me_reports_device_and_counts(client: TestClient, auth) -> None:
+    h = auth("lap")
+    client.post("/v1/samples", json=upload_body(1, 2), headers=h)
+    body = client.get("/v1/me", headers=h).json()
+    assert body["name"] == "lap" and body["samples"] == {"total": 2, "unused": 2}
+
+
+def test_duplicate_upload_acknowledged_once_stored_once(client: TestClient, auth, tmp_path) -> None:
+    h = auth("lap")
+    first = client.post("/v1/samples", json=upload_body(1, 2), headers=h).json()
+    again = client.post("/v1/samples", json=upload_body(2, 3), headers=h).json()
+    assert first == {"accepted": ["0000000000000001", "0000000000000002"], "duplicates": []}
+    assert again == {"accepted": ["0000000000000003"], "duplicates": ["0000000000000002"]}
+    assert client.get("/v1/samples/count", headers=h).json() == {"total": 3, "unused": 3}
+    assert len([p for p in (tmp_path / "cloud" / "blobs").rglob("*") if p.is_file()]) == 3
+
+
+def test_oversized_body_is_413_by_content_length(client: TestClient, auth) -> None:
+    h = auth("lap")
+    r = client.post("/v1/samples", content=b"x" * (65 * 1024), headers=h)
+    assert r.status_code == 413
+    assert "at most 65536 bytes" in r.json()["detail"]
+
+
+def test_oversized_streamed_body_is_413(client: TestClient, auth) -> None:
+    h = auth("lap")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the server must count
+        for _ in range(20):
+            yield b"x" * 8192
+
+    r = client.post("/v1/samples", content=chunks(), headers=h)
+    assert r.status_code == 413
+    assert "request body too large" in r.json()["detail"]
+    assert client.get("/v1/samples/count", headers=h).json()["total"] == 0
+
+
+def test_malformed_sample_is_422_naming_the_field(client: TestClient, auth) -> None:
+    h = auth("lap")
+    body = upload_body(1)
+    body["samples"][0]["sample_id"] = "NOT-HEX"
+    r = client.post("/v1/samples", json=body, headers=h)
+    assert r.status_code == 422
+    assert "body.samples.0.sample_id" in r.json()["detail"]
+    assert "NOT-HEX" not in r.text  # inputs are not echoed back
+
+
+def test_too_many_samples_and_bad_json_are_422(client: TestClient, auth) -> None:
+    h = auth("lap")
+    r = client.post("/v1/samples", json={"samples": []}, headers=h)
+    assert r.status_code == 422 and "body.samples" in r.json()["detail"]
+    r = client.post("/v1/samples", content=b"{not json", headers={**h, "Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+def start_round(client: TestClient, h: dict[str, str], **options: Any) -> dict:
+    r = client.post("/v1/rounds", json={"base_model": "m0", "options": options}, headers=h)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def status_of(client: TestClient, h: dict[str, str], rid: str) -> Callable[[], dict]:
+    return lambda: client.get(f"/v1/rounds/{rid}", headers=h).json()
+
+
+def test_round_lifecycle_progress_and_patch(client: TestClient, auth, runner: GatedRunner) -> None:
+    h = auth("lap")
+    client.post("/v1/samples", json=upload_body(1, 2, 3), headers=h)
+    queued = start_round(client, h, steps=7)
+    assert queued["state"] == "queued"
+    rid = queued["round_id"]
+    assert client.get(f"/v1/rounds/{rid}/patch", headers=h).status_code == 409
+
+    mid = wait_for(status_of(client, h, rid), lambda s: s["stage"] == "distil")
+    assert (mid["state"], mid["progress"], mid["message"], mid["n_samples"]) == (
+        "running", 0.5, "halfway", 3)
+    runner.gate.set()
+    done = wait_for(status_of(client, h, rid), lambda s: s["state"] == "done")
+    assert done["state"] == "done" and done["progress"] == 1.0
+    assert done["metrics"] == {"n": 3, "steps": 7}
+    assert done["patch_bytes"] == len(PATCH)
+    assert done["patch_sha256"] == hashlib.sha256(PATCH).hexdigest()
+    assert done["finished_at"] is not None
+
+    r = client.get(f"/v1/rounds/{rid}/patch", headers=h)
+    assert r.status_code == 200 and r.content == PATCH
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["x-patch-sha256"] == done["patch_sha256"]
+    assert client.get("/v1/samples/count", headers=h).json() == {"total": 3, "unused": 0}
+    assert client.post("/v1/rounds", json={"base_model": "m0"}, headers=h).status_code == 409
+    assert [s["round_id"] for s in client.get("/v1/rounds", headers=h).json()] == [rid]
+
+
+def test_round_sees_only_unused_samples_capped(client: TestClient, auth, runner: GatedRunner) -> None:
+    h = auth("lap")
+    client.post("/v1/samples", json=upload_body(1, 2, 3), headers=h)
+    runner.gate.set()
+    rid = start_round(client, h, max_samples=2)["round_id"]
+    wait_for(status_of(client, h, rid), lambda s: s["state"] == "done")
+    client.post("/v1/samples", json=upload_body(4), headers=h)
+    rid2 = start_round(client, h)["round_id"]
+    wait_for(status_of(client, h, rid2), lambda s: s["state"] == "done")
+    assert [[s.sample_id[-1] for s in ctx.samples] for ctx in runner.seen] == [["1", "2"], ["3", "4"]]
+
+
+def test_runner_failure_becomes_one_line_message(client: TestClient, auth, runner) -> None:
+    h = auth("lap")
+    client.post("/v1/samples", json=upload_body(1), headers=h)
+    runner.fail_with = ValueError("teacher exploded\nlong traceback-ish detail")
+    runner.gate.set()
+    rid = start_round(client, h)["round_id"]
+    failed = wait_for(status_of(client, h, rid), lambda s: s["state"] == "failed")
+    assert failed["message"] == "ValueError: teacher exploded"
+    assert failed["finished_at"] is not None
+    assert client.get("/v1/samples/count", headers=h).json()["unused"] == 1  # not consumed
+    assert client.get(f"/v1/rounds/{rid}/patch", headers=h).status_code == 409
+
+
+def test_runner_without_patch_fails(client: TestClient, auth, runner) -> None:
+    h = auth("lap")
+    client.post("/v1/samples", json=upload_body(1), headers=h)
+    runner.write_patch = False
+    runner.gate.set()
+    rid = start_round(client, h)["round_id"]
+    failed = wait_for(status_of(client, h, rid), lambda s: s["state"] == "failed")
+    assert "wrote no patch" in failed["message"]
+
+
+def test_cancel_running_and_queued_rounds(client: TestClient, auth, runner) -> None:
+    h = auth("lap")
+    client.post("/v1/samples", json=upload_body(1), headers=h)
+    running = start_round(client, h)["round_id"]
+    queued = start_round(client, h)["round_id"]  # waits behind the first: one worker
+    assert runner.started.wait(5)
+
+    r = client.post(f"/v1/rounds/{queued}/cancel", headers=h).json()
+    assert r["state"] == "cancelled"
+    client.post(f"/v1/rounds/{running}/cancel", headers=h)
+    end = wait_for(status_of(client, h, running), lambda s: s["state"] != "running")
+    assert end["state"] == "cancelled" and end["message"] == "cancelled by the device"
+    assert len(runner.seen) == 1  # the cancelled queued round never ran
+    assert client.get("/v1/samples/count", headers=h).json()["unused"] == 1
+    assert client.post(f"/v1/rounds/{running}/cancel", headers=h).status_code == 409
+
+
+def test_devices_are_isolated(client: TestClient, auth, runner) -> None:
+    a, b = auth("alice"), auth("bob")
+    client.post("/v1/samples", json=upload_body(1), headers=a)
+    runner.gate.set()
+    rid = start_round(client, a)["round_id"]
+    wait_for(status_of(client, a, rid), lambda s: s["state"] == "done")
+    for method, path in [("GET", f"/v1/rounds/{rid}"), ("POST", f"/v1/rounds/{rid}/cancel"),
+                         ("GET", f"/v1/rounds/{rid}/patch")]:
+        r = client.request(method, path, headers=b)
+        assert r.status_code == 404, path
+        assert "no round" in r.json()["detail"]
+    assert client.get("/v1/samples/count", headers=b).json() == {"total": 0, "unused": 0}
+    assert client.get("/v1/rounds", headers=b).json() == []
+    # the same sample id from another device is that device's own sample
+    assert client.post("/v1/samples", json=upload_body(1), headers=b).json()["accepted"]
+
+
+def test_no_runner_is_501(tmp_path: Path) -> None:
+    app = create_app(load_settings(home=tmp_path))
+    c = TestClient(app)
+    h = {"Authorization": f"Bearer {app.state.store.add_device('lap')}"}
+    assert c.post("/v1/rounds", json={"base_model": "m0"}, headers=h).status_code == 501
+    app.state.rounds.shutdown()
+
+
+def test_interrupted_rounds_are_failed_on_restart(tmp_path: Path) -> None:
+    settings = load_settings(home=tmp_path)
+    store = Store(settings)
+    store.add_device("lap")
+    rid = store.create_round("lap", RoundRequest(base_model="m0")).round_id
+    store.transition(rid, {"queued"}, "running")
+    store.close()
+    app = create_app(settings, round_runner=GatedRunner())
+    status = app.state.store.get_round(rid)
+    assert status.state == "failed" and "restarted" in status.message
+    app.state.rounds.shutdown()
