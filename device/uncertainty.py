@@ -1,0 +1,170 @@
+"""Per-token uncertainty of the device model, from full-vocabulary logits.
+
+The paper's released code scores a sample by the product of per-token max-probabilities; that
+ignores how the remaining mass is spread.  cdcca measures the exact Shannon entropy (nats) of the
+full softmax at every decode step instead, and keeps max-prob / margin alongside so that the
+paper's rule stays available as one ``aggregate`` option.
+
+The runtime's decode loop hands each step's logits (a float32 view of llama.cpp's buffer) to an
+``UncertaintyRecorder``; the recorder copies out four numbers per step and never holds the view,
+so the buffer can be reused by llama.cpp for the next step.
+
+Numerics: ``H = logsumexp(z) - sum(p * z)`` with ``z = x - max(x)`` computed in float64 scratch
+space.  Subtracting the max keeps every ``exp`` in [0, 1]; float64 accumulation keeps the error
+of a 262k-term sum far below 1e-9 nats.  ``-inf`` logits (masked tokens) get probability 0 and
+contribute nothing; ``+inf`` logits share all the mass; NaN is an error, not an uncertainty.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+Aggregate = Literal["mean", "max", "prod"]
+
+# exp(z) is exactly 0.0 in float64 for z < -745: flooring z there changes no probability, but turns
+# 0 * (-inf) = NaN into 0 * -1000 = 0 in the entropy sum.
+_Z_FLOOR = -1000.0
+# rows per vectorized chunk in the batched path: bounds the float64 scratch at ~8 MB
+_CHUNK_ELEMS = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUncertainty:
+    """One decode step.  ``token_id`` is the argmax, which is not necessarily the sampled token."""
+
+    entropy: float  # nats, in [0, log V]
+    max_prob: float
+    margin: float  # top1 - top2 probability: small when the model hesitates between two tokens
+    token_id: int
+
+
+def _stats_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Entropy, max-prob, margin, argmax for each row of a 2-D logits block (vectorized)."""
+    m = x.max(axis=1)
+    if np.isnan(m).any():
+        raise ValueError("logits contain NaN")
+    if np.isneginf(m).any():
+        raise ValueError("a logits row is entirely -inf: no token is possible")
+    argmax = x.argmax(axis=1)
+    z = x.astype(np.float64)  # the one full copy: scratch for everything below
+    with np.errstate(invalid="ignore"):  # inf - inf = NaN: handled on the next line
+        z -= m[:, None]
+    if np.isposinf(m).any():  # the +inf entries share the mass equally
+        np.nan_to_num(z, copy=False, nan=0.0, neginf=_Z_FLOOR)
+    np.maximum(z, _Z_FLOOR, out=z)
+    e = np.exp(z)
+    s = e.sum(axis=1)  # >= 1: the max entry contributes exp(0)
+    ez = np.einsum("ij,ij->i", e, z)  # sum(e * z) per row without an extra [T, V] temporary
+    entropy = np.log(s) - ez / s
+    if x.shape[1] >= 2:
+        e.partition(-2, axis=1)  # in place on scratch: e[:, -1] is 1.0, e[:, -2] the runner-up
+        second = e[:, -2]
+    else:
+        second = np.zeros_like(s)
+    max_prob = 1.0 / s
+    margin = (1.0 - second) / s
+    return np.maximum(entropy, 0.0), max_prob, margin, argmax
+
+
+def _as_logits(logits: np.ndarray, ndim: int) -> np.ndarray:
+    x = np.asarray(logits)
+    if x.ndim != ndim or x.shape[-1] == 0:
+        raise ValueError(f"expected {ndim}-D logits with a non-empty vocabulary axis, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    return x
+
+
+def token_stats(logits: np.ndarray) -> TokenUncertainty:
+    """Uncertainty of one step from its full-vocabulary logits, shape [V]."""
+    x = _as_logits(logits, 1)
+    h, p, mg, a = _stats_rows(x[None, :])
+    return TokenUncertainty(float(h[0]), float(p[0]), float(mg[0]), int(a[0]))
+
+
+def token_stats_batch(logits: np.ndarray) -> list[TokenUncertainty]:
+    """Row-wise ``token_stats`` for [T, V] logits, vectorized in chunks to bound scratch memory."""
+    x = _as_logits(logits, 2)
+    rows = max(1, _CHUNK_ELEMS // x.shape[1])
+    out: list[TokenUncertainty] = []
+    for i in range(0, x.shape[0], rows):
+        h, p, mg, a = _stats_rows(x[i:i + rows])
+        out.extend(TokenUncertainty(float(hh), float(pp), float(mm), int(aa))
+                   for hh, pp, mm, aa in zip(h, p, mg, a))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SampleUncertainty:
+    """A sample's answer tokens, summarized.  ``score`` is what the UTS sample stage compares.
+
+    ``mean`` is the default: a long answer with one hesitant token is less suspect than a short
+    answer that hesitates throughout.  ``max`` flags any hesitant token.  ``prod`` reproduces the
+    paper's code (confidence = product of max-probs) and reports ``1 - confidence``, so that in
+    every mode a higher score means "less certain".
+    """
+
+    n_tokens: int
+    mean_entropy: float
+    max_entropy: float
+    prod_confidence: float
+    aggregate: Aggregate = "mean"
+
+    @property
+    def score(self) -> float:
+        if self.aggregate == "mean":
+            return self.mean_entropy
+        if self.aggregate == "max":
+            return self.max_entropy
+        if self.aggregate == "prod":
+            return 1.0 - self.prod_confidence
+        raise ValueError(f"unknown aggregate {self.aggregate!r}")
+
+
+def summarize(tokens: Sequence[TokenUncertainty], aggregate: Aggregate = "mean") -> SampleUncertainty:
+    """Aggregate per-token stats.  No tokens means no evidence of doubt: every score is 0."""
+    if aggregate not in ("mean", "max", "prod"):
+        raise ValueError(f"unknown aggregate {aggregate!r}")
+    if not tokens:
+        return SampleUncertainty(0, 0.0, 0.0, 1.0, aggregate)
+    h = np.array([t.entropy for t in tokens], dtype=np.float64)
+    # the product of many probabilities underflows: sum logs instead
+    log_conf = float(np.sum(np.log(np.maximum([t.max_prob for t in tokens], 1e-300))))
+    return SampleUncertainty(len(tokens), float(h.mean()), float(h.max()), math.exp(log_conf), aggregate)
+
+
+class UncertaintyRecorder:
+    """Collects per-step stats during one answer; call it with each step's logits.
+
+    It copies out the stats and drops the logits reference at once: llama.cpp reuses that buffer.
+    ``as_logits_processor()`` adapts it to llama-cpp-python's ``(input_ids, scores) -> scores``
+    hook.  Note that the step which samples the end-of-sequence token is recorded too; callers
+    align ``tokens`` to the answer's token ids (``uts`` ignores surplus trailing steps).
+    """
+
+    def __init__(self, aggregate: Aggregate = "mean") -> None:
+        self.aggregate: Aggregate = aggregate
+        self.tokens: list[TokenUncertainty] = []
+
+    def __call__(self, logits: np.ndarray) -> TokenUncertainty:
+        t = token_stats(logits)
+        self.tokens.append(t)
+        return t
+
+    def as_logits_processor(self):
+        def process(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+            self(scores)
+            return scores
+        return process
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def summary(self) -> SampleUncertainty:
+        return summarize(self.tokens, self.aggregate)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
