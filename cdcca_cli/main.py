@@ -16,7 +16,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Generate datasets in LLaVA JS
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
-from . import device_cmds  # noqa: E402,F401  (registers chat/queue/sync/versions/rollback)
+from . import device_cmds  # noqa: E402,F401  (registers chat/queue/versions/rollback)
+from . import cloud_cmds  # noqa: E402,F401
+from . import sync_cmd  # noqa: E402,F401
 
 
 @models_app.command("build")

@@ -148,11 +148,11 @@ def distil(student: TinyLlava, teacher: TinyLlava, codec: Codec, dset: DistillSe
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hist["loss"].append(float(loss))
+        hist["loss"].append(loss.item())
         for k, v in terms.items():
-            hist[k].append(float(v))
+            hist[k].append(v.item())
         if on_step is not None:
-            on_step(step, {k: float(v) for k, v in terms.items()})
+            on_step(step, {k: v.item() for k, v in terms.items()})
     model.eval()
     merged = model.merge_and_unload()
     stats = {k: float(np.mean(v[-20:])) for k, v in hist.items() if v}

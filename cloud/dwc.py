@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from device.contracts.patch_format import QUANTIZABLE, make_patch_from_arrays, row_nbytes
-from device.patch import apply_to_files
+from device.contracts.patch_format import read_patch
+from device.patch import plan_patch, verify_written, write_placements
 
 from .zoo.data import Codec, Split
 from .zoo.gguf_load import load_gguf_pair
@@ -71,9 +72,9 @@ def weight_updates(merged: TinyLlava, twin: TinyLlava) -> dict[str, tuple[str, n
     new_s, old_s = merged.state_dict(), twin.state_dict()
     out = {}
     for g, (role, t) in tensor_map(twin.cfg).items():
-        delta = (new_s[t] - old_s[t]).float()
+        delta = (new_s[t] - old_s[t]).detach().float()
         if torch.count_nonzero(delta):
-            out[g] = (role, new_s[t].float().numpy(), delta.numpy())
+            out[g] = (role, new_s[t].detach().float().numpy(), delta.numpy())
     return out
 
 
@@ -144,7 +145,7 @@ def compress(merged: TinyLlava, twin: TinyLlava, files: dict[str, Path], out_pat
     """Write the patch that moves the device from ``twin`` toward ``merged`` within the budget."""
     updates = weight_updates(merged, twin)
     types = _types(files)
-    old = {g: twin.state_dict()[t].numpy() for g, (_, t) in tensor_map(twin.cfg).items() if g in updates}
+    old = {g: twin.state_dict()[t].detach().numpy() for g, (_, t) in tensor_map(twin.cfg).items() if g in updates}
     blocks, skipped = rank_blocks(updates, fisher, types, cfg, old)
     chosen = select(blocks, cfg.budget_bytes)
     ranges: dict[str, list[tuple[int, int]]] = {}
@@ -176,6 +177,10 @@ def patched_twin(files: dict[str, Path], patch_path: Path | None) -> tuple[TinyL
         out[role] = scratch / Path(p).name
         shutil.copyfile(p, out[role])
     if patch_path is not None:
-        apply_to_files(patch_path, out)
+        patch = read_patch(patch_path)
+        placements = plan_patch(patch, out)  # the device's own verification path
+        for role in {p.entry.role for p in placements}:
+            write_placements(out[role], [p for p in placements if p.entry.role == role])
+        verify_written(patch, placements, out)
     model, _ = load_gguf_pair(out["model"], out["mmproj"])
     return model, out, scratch

@@ -116,3 +116,11 @@ def run_round(ctx, registry: ModelRegistry, assets: CloudAssets, akd: AKDConfig 
     metrics["seconds"] = round(time.time() - t0, 2)
     ctx.progress("done", 1.0, "patch ready")
     return metrics
+
+
+def make_runner(settings, model_dir=None):
+    """The default RoundRunner: the embedded teacher + generated replay/eval data."""
+    from device.contracts.config import DEFAULT_MODEL_DIR
+    registry = ModelRegistry(settings.cloud_dir / "models")
+    assets = CloudAssets.embedded(Path(model_dir or DEFAULT_MODEL_DIR))
+    return lambda ctx: run_round(ctx, registry, assets)

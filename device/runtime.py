@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ import numpy as np
 from device.contracts import prompt
 
 LogitsHook = Callable[[np.ndarray], None]
+_GGML_TYPES = {"f32": 0, "f16": 1}
 
 
 class RuntimeError_(RuntimeError):
@@ -37,6 +39,12 @@ class RuntimeConfig:
     n_ctx: int = 512
     n_batch: int = 512
     seed: int = 0
+    # llama.cpp's "extra buffer types" repack Q4_0/Q8_0 weights for AMX/AVX-512 kernels; on AMX
+    # CPUs 0.3.36 segfaults on the first decode of such models, so repacking is off unless asked.
+    repack: bool = os.environ.get("CDCCA_LLAMA_REPACK", "0") == "1"
+    # KV cache precision: "f16" is llama.cpp's default (half the cache memory); "f32" makes the
+    # device bit-comparable with the torch twin (used by the parity tests and evaluation).
+    kv_cache: str = "f16"
 
 
 @dataclass
@@ -72,6 +80,28 @@ def _silence_llama_logs() -> None:
         pass
 
 
+@contextmanager
+def _no_weight_repacking(repack: bool):
+    """Llama() offers no switch for ``use_extra_bufts``: wrap the default-params factory it calls."""
+    import llama_cpp.llama_cpp as lc
+
+    if repack:
+        yield
+        return
+    orig = lc.llama_model_default_params
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    lc.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lc.llama_model_default_params = orig
+
+
 def _check_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise ModelError(f"{path}: no such {what} file")
@@ -100,9 +130,11 @@ class Runtime:
         if c.mmproj_path is not None:
             _check_file(Path(c.mmproj_path), "mmproj")
         try:
-            self._llama = llama_cpp.Llama(model_path=str(c.model_path), n_ctx=c.n_ctx, n_batch=c.n_batch,
-                                          n_threads=c.n_threads, n_threads_batch=c.n_threads, seed=c.seed,
-                                          verbose=False)
+            with _no_weight_repacking(c.repack):
+                self._llama = llama_cpp.Llama(model_path=str(c.model_path), n_ctx=c.n_ctx, n_batch=c.n_batch,
+                                              n_threads=c.n_threads, n_threads_batch=c.n_threads, seed=c.seed,
+                                              type_k=_GGML_TYPES[c.kv_cache], type_v=_GGML_TYPES[c.kv_cache],
+                                              verbose=False)
         except Exception as e:
             raise ModelError(f"{c.model_path}: llama.cpp could not load the model ({str(e).splitlines()[0]})") from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
@@ -114,6 +146,7 @@ class Runtime:
             p.n_threads = c.n_threads
             p.print_timings = False
             p.warmup = False
+            p.flash_attn_type = 0  # exact attention for the tiny vision tower (CPU FA casts K/V to f16)
             ctx = mtmd_cpp.mtmd_init_from_file(str(c.mmproj_path).encode(), self._llama.model, p)
             if not ctx:
                 self.close()

@@ -19,6 +19,7 @@ from .scenes import DOMAINS
 
 ZOO_DIR = Path(__file__).parent
 STUDENT_QUANTS = ("f32", "f16", "q8_0", "q4_0")
+DEVICE_EVAL_PER_DOMAIN = 60  # held-out images shipped with the model for on-device evaluation
 
 
 @dataclass
@@ -253,6 +254,10 @@ def build(preset: str | BuildConfig = "default", out: Path | None = None, data_p
     _train_both(cfg, tmp, data_path, progress)
     sizes = export_student(tmp)
     write_feature_stats(tmp, cfg, data_path)
+    if data_path is None:
+        from .llava_io import write_eval_set
+
+        write_eval_set(tmp / "eval", DEVICE_EVAL_PER_DOMAIN, cfg.seed + 3000)
     acc = evaluate_pair(tmp, cfg, data_path)
     manifest = {
         "preset": cfg.preset, "config_hash": h, "code_version": code_version(), "seed": cfg.seed,
@@ -260,7 +265,8 @@ def build(preset: str | BuildConfig = "default", out: Path | None = None, data_p
         "build_seconds": round(time.time() - t0, 1),
         "params": {r: load_pt(tmp / f"{r}.pt").num_params() for r in ("student", "teacher")},
         "gguf_bytes": sizes, "accuracy": acc,
-        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+        "files": {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
+                  if p.is_file() and p.parent.name != "images"},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if out.exists():

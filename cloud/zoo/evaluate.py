@@ -10,23 +10,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from device.contracts.metrics import exact, token_f1
+
 from .data import Codec, Split, make_batch
 from .model import TinyLlava
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
-
-
-def token_f1(pred: str, ref: str) -> float:
-    p, r = normalise(pred).replace(",", "").split(), normalise(ref).replace(",", "").split()
-    if not p or not r:
-        return float(p == r)
-    common = sum(min(p.count(w), r.count(w)) for w in set(p))
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
 
 
 @torch.no_grad()
@@ -69,7 +56,7 @@ def score(preds: list[str], split: Split) -> dict:
         if t == "caption":
             cap[d].append(token_f1(p, a))
         else:
-            ok = float(normalise(p) == normalise(a))
+            ok = exact(p, a)
             acc[d].append(ok)
             task_acc[t].append(ok)
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")

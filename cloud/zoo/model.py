@@ -63,7 +63,7 @@ class TinyLlavaConfig:
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")  # ggml_gelu
+    return F.gelu(x, approximate="tanh")  # ggml_gelu (llama.cpp reads it from an fp16 table)
 
 
 # ------------------------------------------------------------------ vision
