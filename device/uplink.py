@@ -21,9 +21,10 @@ from typing import Any, Protocol
 import httpx
 from tqdm import tqdm
 
+from device.contracts.model_id import ROLES
 from device.contracts.wire import (
-    MAX_UPLOAD_SAMPLES, DeviceInfo, Health, RoundRequest, RoundStatus, SampleCounts,
-    UploadRequest, UploadResponse, UplinkSample,
+    MAX_UPLOAD_SAMPLES, DeviceInfo, Health, ModelPresence, ModelUploadResult, RoundRequest,
+    RoundStatus, SampleCounts, UploadRequest, UploadResponse, UplinkSample,
 )
 
 # 501/505 are 5xx but permanent ("not implemented"): retrying cannot help.
@@ -31,6 +32,9 @@ _PERMANENT_5XX = frozenset({501, 505})
 # A non-idempotent request is retried only when it certainly never reached the application.
 _NOT_PROCESSED = frozenset({429, 503})
 _JSON_OVERHEAD = 64  # bytes of '{"samples":[...]}' framing, generously
+_FILE_CHUNK = 1 << 20  # bytes read per chunk of a streamed model-file upload
+# The cloud hashes both model files (gigabytes) before it answers the upload that completes them.
+_MODEL_READ_TIMEOUT = 600.0
 
 
 class CloudError(Exception):
@@ -239,6 +243,53 @@ class CloudClient:
             batches.append(current)
         return batches
 
+    # --- device models (content-addressed, shared by all devices on the cloud) ----------------
+    def has_model(self, model_id: str) -> bool:
+        """Whether the cloud holds both GGUF files of ``model_id`` (see device.contracts.model_id)."""
+        try:
+            data = self._json("GET", f"/v1/models/{model_id}")
+        except CloudError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return ModelPresence.model_validate(data).present
+
+    def upload_model(self, model_id: str, files: dict[str, Path], progress: bool = True) -> None:
+        """Stream each file of the model (``{"model": path, "mmproj": path}``) as a raw PUT body,
+        never reading a whole file into memory.  Same retry policy as sample uploads (a PUT is
+        idempotent: a retry re-sends the file from its start); a refusal raises CloudError, e.g.
+        422 when the files do not hash to ``model_id``."""
+        missing = [r for r in ROLES if files.get(r) is None]
+        if missing:
+            raise ValueError(f"model {model_id}: no {' or '.join(missing)} file to upload "
+                             "(the cloud needs both GGUF files)")
+        paths = {r: Path(files[r]) for r in ROLES}
+        sizes = {r: p.stat().st_size for r, p in paths.items()}
+        t = self._http.timeout
+        timeout = httpx.Timeout(connect=t.connect, write=t.write, pool=t.pool,
+                                read=None if t.read is None else max(t.read, _MODEL_READ_TIMEOUT))
+        result: ModelUploadResult | None = None
+        with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="model upload", disable=not progress) as bar:
+            for role in ROLES:
+                headers = {"Content-Type": "application/octet-stream",
+                           "Content-Length": str(sizes[role])}
+                data = self._json("PUT", f"/v1/models/{model_id}/{role}", timeout=timeout,
+                                  content=_FileBody(paths[role], bar), headers=headers)
+                result = ModelUploadResult.model_validate(data)
+                if result.complete:  # the cloud may have it already (another device sent it)
+                    break
+        if result is None or not result.complete:
+            raise CloudError(f"cloud did not register model {model_id} after both of its files "
+                             "were uploaded")
+
+    def ensure_model(self, model_id: str, files: dict[str, Path], progress: bool = True) -> bool:
+        """Upload the model unless the cloud holds it already; True when it was uploaded now."""
+        if self.has_model(model_id):
+            return False
+        self.upload_model(model_id, files, progress=progress)
+        return True
+
     def start_round(self, req: RoundRequest) -> RoundStatus:
         """Not idempotent (each call queues a round), so only retried when surely not processed."""
         data = self._json("POST", "/v1/rounds", idempotent=False,
@@ -315,6 +366,27 @@ class CloudClient:
                 raise CloudError(f"patch download of {dest.name} broke off: {exc!r}") from exc
             raise
         return tmp, h.hexdigest(), size
+
+
+class _FileBody:
+    """A re-iterable request body over one file: every iteration reads the file from its start,
+    so a retried request sends all of it again (a generator would be spent after one try), and
+    the progress bar is wound back by what the failed try had counted."""
+
+    def __init__(self, path: Path, bar: tqdm) -> None:
+        self.path = path
+        self.bar = bar
+        self.counted = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.counted:
+            self.bar.update(-self.counted)
+            self.counted = 0
+        with open(self.path, "rb") as f:
+            while chunk := f.read(_FILE_CHUNK):
+                self.counted += len(chunk)
+                self.bar.update(len(chunk))
+                yield chunk
 
 
 def _fsync_dir(path: Path) -> None:

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     # cloud
     db_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under <home>/cloud")
     max_upload_bytes: int = Field(8 << 20, description="largest accepted upload request")
+    max_model_bytes: int = Field(8 << 30, description="largest accepted model-file upload (one GGUF file)")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -132,3 +132,24 @@ class Health(_Strict):
     version: str
     max_upload_bytes: int
     max_upload_samples: int = MAX_UPLOAD_SAMPLES
+
+
+# --- device models held by the cloud (content-addressed, see device.contracts.model_id) -------
+
+MODEL_ID_PATTERN = r"^[0-9a-f]{16,64}$"
+ModelRole = Literal["model", "mmproj"]  # == device.contracts.model_id.ROLES
+
+
+class ModelPresence(_Strict):
+    """Whether the cloud holds a complete copy (both GGUF files) of a device model."""
+
+    model_id: str = Field(pattern=MODEL_ID_PATTERN)
+    present: bool
+
+
+class ModelUploadResult(_Strict):
+    """One uploaded model file; ``complete`` once both roles are in and their hash matched."""
+
+    model_id: str = Field(pattern=MODEL_ID_PATTERN)
+    role: ModelRole
+    complete: bool

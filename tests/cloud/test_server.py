@@ -294,3 +294,128 @@ def test_interrupted_rounds_are_failed_on_restart(tmp_path: Path) -> None:
     status = app.state.store.get_round(rid)
     assert status.state == "failed" and "restarted" in status.message
     app.state.rounds.shutdown()
+
+
+# --- device models: content-addressed, shared, streamed uploads ---------------------------------
+
+def model_files(tmp_path: Path, seed: int = 0) -> tuple[str, dict[str, Path]]:
+    """Two small fake files (the registry hashes bytes; they need not be real GGUF); the model
+    file is bigger than the 64 KiB sample limit so the separate model limit is exercised."""
+    from device.contracts.model_id import model_id
+
+    d = tmp_path / f"model{seed}"
+    d.mkdir()
+    files = {"model": d / "model.gguf", "mmproj": d / "mmproj.gguf"}
+    files["model"].write_bytes(bytes([seed]) * 100_000 + b"GGUF-model")
+    files["mmproj"].write_bytes(bytes([seed + 1]) * 3_000 + b"GGUF-mmproj")
+    return model_id(files), files
+
+
+def put_file(client: TestClient, mid: str, role: str, data: bytes, h: dict[str, str]):
+    return client.put(f"/v1/models/{mid}/{role}", content=data,
+                      headers={**h, "Content-Type": "application/octet-stream"})
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    """Temp or staging files the model upload left behind (there should be none)."""
+    cloud = tmp_path / "cloud"
+    return sorted(p.name for d in (cloud / "incoming", cloud / "models") for p in d.iterdir()
+                  if p.name.startswith("."))
+
+
+def test_model_upload_both_roles_registers_it(app, client: TestClient, auth, tmp_path) -> None:
+    h = auth("lap")
+    mid, files = model_files(tmp_path)
+    assert client.get(f"/v1/models/{mid}", headers=h).status_code == 404
+    r = put_file(client, mid, "model", files["model"].read_bytes(), h)
+    assert r.status_code == 200 and r.json() == {"model_id": mid, "role": "model", "complete": False}
+    assert client.get(f"/v1/models/{mid}", headers=h).status_code == 404  # half a model is none
+
+    def chunks():  # a streamed (chunked) body works like a sized one
+        data = files["mmproj"].read_bytes()
+        yield from (data[i:i + 1000] for i in range(0, len(data), 1000))
+
+    r = client.put(f"/v1/models/{mid}/mmproj", content=chunks(), headers=h)
+    assert r.status_code == 200 and r.json()["complete"] is True
+    got = app.state.registry.get(mid)
+    assert got is not None and all(got[k].read_bytes() == files[k].read_bytes() for k in files)
+    assert app.state.registry.root == tmp_path / "cloud" / "models"
+    assert client.get(f"/v1/models/{mid}", headers=h).json() == {"model_id": mid, "present": True}
+    # uploading a file of a model already held is a harmless no-op
+    assert put_file(client, mid, "model", b"ignored", h).json()["complete"] is True
+    assert leftovers(tmp_path) == []
+
+
+def test_model_hash_mismatch_is_422_and_registers_nothing(app, client: TestClient, auth,
+                                                          tmp_path) -> None:
+    h = auth("lap")
+    mid, files = model_files(tmp_path)
+    assert put_file(client, mid, "model", files["model"].read_bytes(), h).json()["complete"] is False
+    r = put_file(client, mid, "mmproj", b"not the mmproj", h)
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "\n" not in detail and detail.startswith("hash mismatch: uploaded files hash to")
+    assert f"not {mid}" in detail and "upload them again" in detail
+    assert app.state.registry.get(mid) is None
+    assert client.get(f"/v1/models/{mid}", headers=h).status_code == 404
+    assert leftovers(tmp_path) == []
+    # both files must be sent again; then it registers
+    for role in ("model", "mmproj"):
+        r = put_file(client, mid, role, files[role].read_bytes(), h)
+    assert r.json()["complete"] is True and app.state.registry.get(mid) is not None
+
+
+def test_models_are_shared_between_devices(client: TestClient, auth, tmp_path) -> None:
+    """Content-addressed: another device's token may upload and see the same model id."""
+    a, b = auth("lap"), auth("phone")
+    mid, files = model_files(tmp_path)
+    put_file(client, mid, "model", files["model"].read_bytes(), a)
+    r = put_file(client, mid, "mmproj", files["mmproj"].read_bytes(), b)
+    assert r.json()["complete"] is True
+    for h in (a, b):
+        assert client.get(f"/v1/models/{mid}", headers=h).json()["present"] is True
+    # knowing the id opens nothing else: b sees none of a's samples or rounds
+    client.post("/v1/samples", json=upload_body(1), headers=a)
+    assert client.get("/v1/samples/count", headers=b).json()["total"] == 0
+    assert client.get("/v1/rounds", headers=b).json() == []
+
+
+def test_model_routes_need_a_token(client: TestClient, auth, tmp_path) -> None:
+    auth("lap")
+    mid, files = model_files(tmp_path)
+    r = put_file(client, mid, "model", files["model"].read_bytes(), {})
+    assert r.status_code == 401 and "bearer token" in r.json()["detail"]
+    assert client.get(f"/v1/models/{mid}").status_code == 401
+    r = put_file(client, mid, "model", b"x", {"Authorization": "Bearer nope"})
+    assert r.status_code == 403
+    assert leftovers(tmp_path) == [] and not any((tmp_path / "cloud" / "models").iterdir())
+
+
+def test_bad_model_role_or_id_is_422(client: TestClient, auth, tmp_path) -> None:
+    h = auth("lap")
+    mid, _files = model_files(tmp_path)
+    r = put_file(client, mid, "weights", b"x", h)
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "unknown model file role 'weights': use one of model, mmproj")
+    for bad in ("a.b", "ABC", "zz" * 16, "a" * 65):
+        assert put_file(client, bad, "model", b"x", h).status_code == 422
+        assert client.get(f"/v1/models/{bad}", headers=h).status_code == 422
+    assert put_file(client, mid, "model", b"", h).status_code == 422  # empty body
+    assert leftovers(tmp_path) == []
+
+
+def test_model_uploads_have_their_own_size_limit(tmp_path: Path) -> None:
+    app = create_app(load_settings(home=tmp_path, max_upload_bytes=1000, max_model_bytes=50_000))
+    c = TestClient(app)
+    h = {"Authorization": f"Bearer {app.state.store.add_device('lap')}"}
+    mid = "ab" * 16
+    assert put_file(c, mid, "mmproj", b"x" * 20_000, h).status_code == 200  # > sample limit
+    r = put_file(c, mid, "model", b"x" * 60_000, h)  # by Content-Length, before reading
+    assert r.status_code == 413 and "at most 50000 bytes" in r.json()["detail"]
+    assert "max_model_bytes" in r.json()["detail"]
+    r = c.put(f"/v1/models/{mid}/model", content=(b"x" * 8192 for _ in range(10)), headers=h)
+    assert r.status_code == 413 and "got more than that" in r.json()["detail"]  # counted
+    assert c.post("/v1/samples", content=b"x" * 2000, headers=h).status_code == 413
+    assert not any(p.name.endswith(".part") for p in (tmp_path / "cloud" / "incoming").iterdir())
+    app.state.rounds.shutdown()
+    app.state.store.close()

@@ -321,3 +321,94 @@ def test_lost_response_is_retried_and_deduplicated(app, token: str) -> None:
     assert result.accepted == [] and len(result.duplicates) == 4
     assert queue.states() == {"acknowledged": 4}
     assert app.state.store.sample_counts("laptop").total == 4
+
+
+# --- device model upload ---------------------------------------------------------------------
+
+def model_files(tmp_path: Path) -> tuple[str, dict[str, Path]]:
+    """Small fake model files: the cloud hashes bytes, it does not parse GGUF on upload."""
+    from device.contracts.model_id import model_id
+
+    files = {"model": tmp_path / "model.gguf", "mmproj": tmp_path / "mmproj.gguf"}
+    files["model"].write_bytes(bytes(range(256)) * 9000)  # ~2.3 MB: several 1 MiB chunks
+    files["mmproj"].write_bytes(b"mmproj" * 500)
+    return model_id(files), files
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """Real sockets, with a log of the requests sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, str]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append((request.method, request.url.path))
+        return super().handle_request(request)
+
+
+def test_ensure_model_uploads_once_then_is_a_no_op(app, live_url: str, token: str,
+                                                   tmp_path: Path) -> None:
+    mid, files = model_files(tmp_path)
+    transport = CountingTransport()
+    with fast_client(live_url, token, transport=transport) as client:
+        assert client.has_model(mid) is False
+        assert client.ensure_model(mid, files, progress=False) is True
+        assert client.has_model(mid) is True
+        puts = [p for m, p in transport.sent if m == "PUT"]
+        assert puts == [f"/v1/models/{mid}/model", f"/v1/models/{mid}/mmproj"]
+        assert client.ensure_model(mid, files, progress=False) is False
+        assert [p for m, p in transport.sent if m == "PUT"] == puts  # nothing re-sent
+    got = app.state.registry.get(mid)
+    assert got is not None and all(got[r].read_bytes() == files[r].read_bytes() for r in files)
+    # another device shares the content-addressed copy
+    other = app.state.store.add_device("phone")
+    with fast_client(live_url, other) as client:
+        assert client.ensure_model(mid, files, progress=False) is False
+
+
+def test_model_upload_refusals_raise_cloud_error(app, live_url: str, token: str,
+                                                 tmp_path: Path) -> None:
+    mid, files = model_files(tmp_path)
+    files["mmproj"].write_bytes(b"changed after hashing")
+    with fast_client(live_url, token) as client:
+        with pytest.raises(CloudError, match=r"\(422\): hash mismatch") as err:
+            client.upload_model(mid, files, progress=False)
+        assert err.value.status == 422 and client.has_model(mid) is False
+        with pytest.raises(ValueError, match="no mmproj file"):
+            client.upload_model(mid, {"model": files["model"]}, progress=False)
+    with fast_client(live_url, None) as client:
+        with pytest.raises(CloudError, match=r"\(401\)"):
+            client.ensure_model(mid, files, progress=False)
+
+
+def test_model_upload_retries_resend_the_whole_file(tmp_path: Path) -> None:
+    mid, files = model_files(tmp_path)
+    bodies: list[tuple[str, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        bodies.append((request.url.path, body))
+        assert request.headers["content-length"] == str(len(body))
+        if len(bodies) == 1:
+            raise httpx.ReadError("connection reset mid-upload")
+        if len(bodies) == 2:
+            return httpx.Response(503, json={"detail": "busy"})
+        role = request.url.path.rsplit("/", 1)[1]
+        return httpx.Response(200, json={"model_id": mid, "role": role,
+                                         "complete": role == "mmproj"})
+
+    with fast_client("http://cloud", "t", transport=httpx.MockTransport(handler)) as client:
+        client.upload_model(mid, files, progress=False)
+    model, mmproj = files["model"].read_bytes(), files["mmproj"].read_bytes()
+    assert bodies == [(f"/v1/models/{mid}/model", model)] * 3 + [(f"/v1/models/{mid}/mmproj", mmproj)]
+
+    def refuses(request: httpx.Request) -> httpx.Response:
+        bodies.append((request.url.path, b""))
+        return httpx.Response(413, json={"detail": "request body too large"})
+
+    bodies.clear()
+    with fast_client("http://cloud", "t", transport=httpx.MockTransport(refuses)) as client:
+        with pytest.raises(CloudError, match=r"\(413\)"):
+            client.upload_model(mid, files, progress=False)
+    assert len(bodies) == 1  # a refusal is not retried
