@@ -103,9 +103,11 @@ def queue():
 
         with Queue(load_settings().device_dir / "queue.sqlite") as q:
             st = q.stats()
-        console.print(f"pending {st.pending}  sent {st.sent}  acknowledged {st.acknowledged}")
+        console.print(f"chats answered {st.chats_seen}; kept by UTS {st.total} "
+                      f"(pending {st.pending}, sent {st.sent}, acknowledged {st.acknowledged})")
         console.print(f"pending bytes {st.pending_bytes:,}; all kept samples: shipped {st.shipped_bytes:,} B "
-                      f"vs raw {st.raw_bytes:,} B -> uplink ratio {st.ratio:.4%}")
+                      f"vs raw {st.raw_bytes:,} B of those samples ({st.ratio:.2%}); vs raw {st.seen_raw_bytes:,} B "
+                      f"of every chat: {st.ratio_all:.3%}")
 
 
 @app.command()

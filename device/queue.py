@@ -45,6 +45,11 @@ _SCHEMA = (
         payload       BLOB NOT NULL)""",
     # rows of one status come back in rowid (= insertion) order straight from this index
     "CREATE INDEX IF NOT EXISTS samples_by_status ON samples (status)",
+    # every answered chat, kept or not: the denominator of the end-to-end uplink ratio
+    """CREATE TABLE IF NOT EXISTS seen (
+        id        INTEGER PRIMARY KEY CHECK (id = 1),
+        chats     INTEGER NOT NULL DEFAULT 0,
+        raw_bytes INTEGER NOT NULL DEFAULT 0)""",
 )
 
 
@@ -56,6 +61,13 @@ class QueueStats:
     pending_bytes: int  # shipped bytes still waiting for the uplink
     shipped_bytes: int  # all rows
     raw_bytes: int  # all rows: what a no-selection uplink would have sent
+    chats_seen: int = 0  # every chat the device answered, kept or not
+    seen_raw_bytes: int = 0  # what a no-selection uplink would have sent for all of them
+
+    @property
+    def ratio_all(self) -> float:
+        """shipped / raw over EVERY chat: both UTS stages (sample drop + token selection)."""
+        return self.shipped_bytes / self.seen_raw_bytes if self.seen_raw_bytes else 0.0
 
     @property
     def total(self) -> int:
@@ -186,8 +198,15 @@ class Queue:
             pend, shipped, raw = self._db.execute(
                 "SELECT coalesce(sum(CASE WHEN status = 'pending' THEN shipped_bytes END), 0),"
                 " coalesce(sum(shipped_bytes), 0), coalesce(sum(raw_bytes), 0) FROM samples").fetchone()
+            seen = self._db.execute("SELECT chats, raw_bytes FROM seen WHERE id = 1").fetchone() or (0, 0)
         return QueueStats(counts.get("pending", 0), counts.get("sent", 0), counts.get("acknowledged", 0),
-                          pend, shipped, raw)
+                          pend, shipped, raw, seen[0], seen[1])
+
+    def note_seen(self, raw_bytes: int) -> None:
+        """Count one answered chat (kept or not) and its no-selection uplink size."""
+        with self._tx() as db:
+            db.execute("INSERT INTO seen (id, chats, raw_bytes) VALUES (1, 1, ?) ON CONFLICT(id) DO UPDATE "
+                       "SET chats = chats + 1, raw_bytes = raw_bytes + excluded.raw_bytes", (int(raw_bytes),))
 
     def integrity_check(self) -> str:
         with self._lock:

@@ -76,6 +76,7 @@ class ChatSession:
                               img_bytes, rgb, self.runtime.patch_size if rgb is not None else 8,
                               gen.visual_embeddings, self.tag)
             decision = select(chat, self.uts, self.model.stats, self.gate)
+            self.queue.note_seen(decision.raw_bytes)
             if decision.kept and decision.sample is not None:
                 self.queue.add(decision.sample, decision.shipped_bytes)
                 queued = True

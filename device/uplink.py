@@ -37,7 +37,7 @@ _FILE_CHUNK = 1 << 20  # bytes read per chunk of a streamed model-file upload
 _MODEL_READ_TIMEOUT = 600.0
 
 
-class CloudError(Exception):
+class CloudError(RuntimeError):
     """The cloud refused or failed a request; ``str()`` is a one-line, user-facing reason."""
 
     def __init__(self, message: str, status: int | None = None) -> None:

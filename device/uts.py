@@ -67,7 +67,7 @@ class UTSConfig:
     mask_ratio: float = 0.5  # fraction of visual tokens / image patches masked out
     # payload
     ship_image: bool = True
-    ship_visual_tokens: bool = True
+    ship_visual_tokens: bool = False  # also ship tokens with the image (the cloud recomputes them from pixels); always on without an image
     image_format: Literal["png", "webp"] = "png"  # lossless re-encode
     visual_dtype: Literal["f16", "q8"] = "f16"
     mask_fill: int = 0  # value of masked pixels: a constant compresses to almost nothing
@@ -305,7 +305,8 @@ class _Plan:
 def _plans(cfg: UTSConfig, n_vis: int, has_image: bool) -> Iterator[_Plan]:
     """Payloads from richest to smallest, in the order documented in the module docstring."""
     img = cfg.ship_image and has_image
-    if cfg.ship_visual_tokens and n_vis > 0:
+    vis = cfg.ship_visual_tokens or not img  # without pixels the tokens are the only visual payload
+    if vis and n_vis > 0:
         yield _Plan(n_vis, cfg.visual_dtype, img, None)
         if cfg.visual_dtype == "f16":
             yield _Plan(n_vis, "q8", img, None)
@@ -313,7 +314,7 @@ def _plans(cfg: UTSConfig, n_vis: int, has_image: bool) -> Iterator[_Plan]:
         while n >= 1:
             yield _Plan(n, "q8", img, None)
             n //= 2
-    if img or not (cfg.ship_visual_tokens and n_vis > 0):
+    if img or not (vis and n_vis > 0):
         yield _Plan(0, "q8", img, None)
     if img:
         for q in cfg.lossy_qualities:
