@@ -17,8 +17,10 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
 from . import device_cmds  # noqa: E402,F401  (registers chat/queue/versions/rollback)
+from . import tui_cmd  # noqa: E402,F401
 from . import cloud_cmds  # noqa: E402,F401
 from . import sync_cmd  # noqa: E402,F401
+from . import demo  # noqa: E402,F401
 
 
 @models_app.command("build")
