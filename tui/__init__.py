@@ -1,0 +1,1 @@
+"""`cdcca tui`: the Textual window onto the device (see tui/app.py)."""
