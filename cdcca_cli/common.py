@@ -22,5 +22,5 @@ def one_line_errors():
         sys.exit(130)
     except _USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -31,7 +31,7 @@ def _print_turn(turn, show_uncertainty: bool) -> None:
         line = f"[dim]token entropy (nats): {ents}  mean {turn.mean_entropy:.3f}"
         if turn.decision is not None:
             line += f"  | UTS: {'KEPT' if turn.queued else 'skipped'} ({turn.decision.reason})"
-        console.print(line + "[/]", highlight=False)
+        console.print(line + "[/]", highlight=False, soft_wrap=True)
     else:
         console.print(turn.answer, highlight=False)
 

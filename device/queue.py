@@ -50,7 +50,10 @@ _SCHEMA = (
         id        INTEGER PRIMARY KEY CHECK (id = 1),
         chats     INTEGER NOT NULL DEFAULT 0,
         raw_bytes INTEGER NOT NULL DEFAULT 0)""",
+    # recent sample-stage scores, so adaptive UTS keeps its running quantile across processes
+    "CREATE TABLE IF NOT EXISTS recent (id INTEGER PRIMARY KEY, entropy REAL NOT NULL, ood REAL)",
 )
+RECENT_KEEP = 4096
 
 
 @dataclass(frozen=True)
@@ -202,11 +205,20 @@ class Queue:
         return QueueStats(counts.get("pending", 0), counts.get("sent", 0), counts.get("acknowledged", 0),
                           pend, shipped, raw, seen[0], seen[1])
 
-    def note_seen(self, raw_bytes: int) -> None:
-        """Count one answered chat (kept or not) and its no-selection uplink size."""
+    def note_seen(self, raw_bytes: int, entropy: float | None = None, ood: float | None = None) -> None:
+        """Count one answered chat (kept or not), its no-selection uplink size and its scores."""
         with self._tx() as db:
             db.execute("INSERT INTO seen (id, chats, raw_bytes) VALUES (1, 1, ?) ON CONFLICT(id) DO UPDATE "
                        "SET chats = chats + 1, raw_bytes = raw_bytes + excluded.raw_bytes", (int(raw_bytes),))
+            if entropy is not None:
+                db.execute("INSERT INTO recent (entropy, ood) VALUES (?, ?)", (float(entropy), ood))
+                db.execute("DELETE FROM recent WHERE id <= (SELECT max(id) FROM recent) - ?", (RECENT_KEEP,))
+
+    def recent_scores(self, n: int) -> list[tuple[float, float | None]]:
+        """The last ``n`` (entropy, ood) sample scores, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT entropy, ood FROM recent ORDER BY id DESC LIMIT ?", (int(n),)).fetchall()
+        return [(r[0], r[1]) for r in reversed(rows)]
 
     def integrity_check(self) -> str:
         with self._lock:

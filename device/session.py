@@ -45,6 +45,9 @@ class ChatSession:
 
     def __post_init__(self):
         self.gate = SampleGate(self.uts)
+        if self.queue is not None:  # adaptive UTS continues its running quantile from earlier runs
+            for h, o in self.queue.recent_scores(self.uts.window):
+                self.gate(h, o)
 
     @classmethod
     def open(cls, model: DeviceModel, threads: int = 2, n_ctx: int = 512, queue: Queue | None = None,
@@ -76,7 +79,8 @@ class ChatSession:
                               img_bytes, rgb, self.runtime.patch_size if rgb is not None else 8,
                               gen.visual_embeddings, self.tag)
             decision = select(chat, self.uts, self.model.stats, self.gate)
-            self.queue.note_seen(decision.raw_bytes)
+            ood = decision.ood_score if (self.model.stats is not None and gen.visual_embeddings is not None) else None
+            self.queue.note_seen(decision.raw_bytes, decision.entropy, ood)
             if decision.kept and decision.sample is not None:
                 self.queue.add(decision.sample, decision.shipped_bytes)
                 queued = True

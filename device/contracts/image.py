@@ -33,7 +33,9 @@ def decode_image(data: bytes, image_size: int, name: str = "<bytes>") -> np.ndar
             return np.asarray(im, dtype=np.uint8).copy()
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable image (unknown format or corrupt file)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
 
 
