@@ -55,8 +55,8 @@ def _chat_stream(settings, domains, n: int, seed: int, img_dir: Path, show: int 
 @app.command()
 def demo(
     chats: int = typer.Option(200, help="questions per domain per round"),
-    steps: int = typer.Option(150, help="cloud distillation steps per round"),
-    budget: int = typer.Option(48 * 1024, help="downlink byte budget"),
+    steps: Optional[int] = typer.Option(None, help="cloud distillation steps per round (default: RoundOptions)"),
+    budget: Optional[int] = typer.Option(None, help="downlink byte budget (default: RoundOptions)"),
     home: Optional[Path] = typer.Option(None, help="data folder (default: a fresh temporary one)"),
 ):
     """Run two cloud-device rounds end to end on the embedded models (offline, loopback)."""
@@ -79,8 +79,8 @@ def demo(
         with LoopbackCloud(settings) as cloud:
             console.print(f"cloud: {cloud.url} (loopback); teacher = embedded TinyLlava teacher")
             client = CloudClient(cloud.url, cloud.add_device("demo-laptop"))
-            opts = SyncOptions(RoundOptions(steps=steps, learning_rate=1e-3, downlink_budget_bytes=budget),
-                               eval_per_domain=None)
+            ro = RoundOptions(**{k: v for k, v in (("steps", steps), ("downlink_budget_bytes", budget)) if v is not None})
+            opts = SyncOptions(ro, eval_per_domain=None)
             history = []
             for r, domains in enumerate(DRIFT, 1):
                 console.rule(f"round {r}: the user's images drift to {' + '.join(domains)}")

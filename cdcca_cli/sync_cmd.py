@@ -8,6 +8,11 @@ import typer
 from .common import console, one_line_errors
 from .main import app
 
+# one definition of the round defaults: the wire schema's
+from device.contracts.wire import RoundOptions as _RO  # noqa: E402
+
+_DEF = {k: f.default for k, f in _RO.model_fields.items()}
+
 
 def report_table(rep) -> "Table":  # noqa: F821
     from rich.table import Table
@@ -49,9 +54,9 @@ def run_with_progress(settings, client, opts, quant=None, reload=None):
 
 @app.command()
 def sync(
-    steps: int = typer.Option(120, help="distillation steps on the cloud"),
-    budget: int = typer.Option(48 * 1024, help="downlink byte budget for the patch"),
-    lr: float = typer.Option(1e-3, help="adapter learning rate"),
+    steps: int = typer.Option(_DEF["steps"], help="distillation steps on the cloud"),
+    budget: int = typer.Option(_DEF["downlink_budget_bytes"], help="downlink byte budget for the patch"),
+    lr: float = typer.Option(_DEF["learning_rate"], help="adapter learning rate"),
     seed: int = typer.Option(0),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the on-device accuracy before/after"),
     quant: Optional[str] = typer.Option(None, "--quant"),

@@ -30,16 +30,18 @@ from .zoo.model import TinyLlava, lm_loss
 
 DECODER_TARGETS = r".*text\.layers\.\d+\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 PROJECTOR_TARGETS = r".*vision\.(mm0|mm2)"
+VISION_TARGETS = r".*vision\.blocks\.\d+\.(q|k|v|o|up|down)"
 
 
 @dataclass
 class AKDConfig:
-    steps: int = 120
+    steps: int = 150
     batch_size: int = 48
     lr: float = 1e-3
     lora_rank: int = 8
     lora_alpha: int = 16
     projector_adapter: bool = True
+    vision_adapter: bool = True  # low-level shifts (noise, texture) need the encoder to adapt too
     ce: bool = True
     kd: bool = True
     feat: bool = True
@@ -71,7 +73,8 @@ def pseudo_label(teacher: TinyLlava, codec: Codec, images: np.ndarray, questions
 
 
 def add_adapters(student: TinyLlava, cfg: AKDConfig):
-    target = DECODER_TARGETS + (f"|{PROJECTOR_TARGETS}" if cfg.projector_adapter else "")
+    target = DECODER_TARGETS + (f"|{PROJECTOR_TARGETS}" if cfg.projector_adapter else "") + \
+        (f"|{VISION_TARGETS}" if cfg.vision_adapter else "")
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=target)
     return get_peft_model(copy.deepcopy(student), lcfg)
 

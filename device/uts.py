@@ -64,7 +64,7 @@ class UTSConfig:
     # token stage
     token_entropy_threshold: float | None = 0.5  # keep answer tokens at or above (nats)
     token_top_fraction: float | None = 0.2  # ... and the top fraction by entropy
-    mask_ratio: float = 0.5  # fraction of visual tokens / image patches masked out
+    mask_ratio: float = 0.0  # fraction of visual tokens / image patches masked out (see the mask sweep in bench)
     # payload
     ship_image: bool = True
     ship_visual_tokens: bool = False  # also ship tokens with the image (the cloud recomputes them from pixels); always on without an image

@@ -85,9 +85,9 @@ class SampleCounts(_Strict):
 class RoundOptions(_Strict):
     """Knobs of one adaptation round; defaults follow the paper's operating point."""
 
-    downlink_budget_bytes: int = Field(1 << 20, ge=1, description="largest patch the device accepts")
-    steps: int = Field(100, ge=1, le=1_000_000, description="distillation optimizer steps")
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    downlink_budget_bytes: int = Field(48 << 10, ge=1, description="largest patch the device accepts")
+    steps: int = Field(150, ge=1, le=1_000_000, description="distillation optimizer steps")
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="adapter learning rate")
     seed: int = Field(0, ge=0)
     max_samples: int | None = Field(256, ge=1, description="samples used, oldest first; None = all")
 
