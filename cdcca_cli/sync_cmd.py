@@ -41,7 +41,7 @@ def run_with_progress(settings, client, opts, quant=None, reload=None):
         tasks = {s: prog.add_task(s, total=1.0, msg="") for s in STAGES}
 
         def on_stage(stage, frac, msg):
-            i = STAGES.index(stage) if stage in STAGES else 1
+            i = STAGES.index(stage if stage in STAGES else "distil")
             for s in STAGES[:i]:
                 prog.update(tasks[s], completed=1.0)
             prog.update(tasks[STAGES[i]], completed=frac, msg=msg[:50])

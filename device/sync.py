@@ -22,7 +22,7 @@ from device.runtime import Runtime, RuntimeConfig
 from device.uplink import CloudClient, sync_queue
 
 Stage = Callable[[str, float, str], None]
-STAGES = ("upload", "distil", "compress", "download", "apply", "evaluate")
+STAGES = ("measure", "upload", "distil", "compress", "download", "apply", "evaluate")
 DEFAULT_EVAL = DEFAULT_MODEL_DIR / "eval" / "eval.json"
 
 
@@ -68,6 +68,11 @@ class SyncReport:
         return asdict(self) | {"uplink_ratio": self.uplink_ratio, "downlink_ratio": self.downlink_ratio}
 
 
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise InterruptedError("sync cancelled")
+
+
 def _eval(model: DeviceModel, opts: SyncOptions, threads: int) -> dict | None:
     if not opts.evaluate or not Path(opts.eval_path).is_file():
         return None
@@ -90,20 +95,28 @@ def run_sync(settings: Settings, client: CloudClient, opts: SyncOptions | None =
         raise ValueError("sync needs the versioned device model (not --model files)")
     rep.version_before = model.version
     rep.full_gguf_bytes = sum(p.stat().st_size for p in model.files().values())
+    stage("measure", 0.0, "measuring the current model on the held-out set")
     rep.accuracy_before = _eval(model, opts, settings.threads)
+    stage("measure", 1.0, "")
+    _check(cancel)
 
     stage("upload", 0.0, "uploading the device model if the cloud lacks it")
     client.ensure_model(model.id, model.files())
     with Queue(settings.device_dir / "queue.sqlite") as q:
         q.reset_sent_to_pending()
         sizes = {r.sample_id: (r.shipped_bytes, r.raw_bytes) for r in q.pending()}
-        up = sync_queue(q, client, progress=False)
+        try:
+            up = sync_queue(q, client, progress=False)
+        except BaseException:
+            q.reset_sent_to_pending()  # a failed upload leaves nothing marked "sent"
+            raise
     acked = [i for i in up.acknowledged if i in sizes]
     rep.uploaded, rep.duplicates = len(up.accepted), len(up.duplicates)
     rep.uplink_bytes = sum(sizes[i][0] for i in acked)
     rep.uplink_raw_bytes = sum(sizes[i][1] for i in acked)
     stage("upload", 1.0, f"{rep.uploaded} new samples, {rep.duplicates} already there")
 
+    _check(cancel)
     t0 = time.time()
     st = client.start_round(RoundRequest(base_model=model.id, options=opts.round))
     rep.round_id = st.round_id
@@ -113,7 +126,7 @@ def run_sync(settings: Settings, client: CloudClient, opts: SyncOptions | None =
             client.cancel_round(s.round_id)
             raise InterruptedError("sync cancelled")
         name = {"load": "distil", "label": "distil", "evaluate": "compress", "done": "compress"}.get(s.stage, s.stage)
-        stage(name or "distil", s.progress, s.message)
+        stage(name if name in STAGES else "distil", s.progress, f"[{s.round_id}] {s.message}")
 
     st = client.wait_round(st.round_id, on_progress=progress, timeout=opts.timeout_s)
     rep.round_seconds = time.time() - t0
@@ -124,11 +137,13 @@ def run_sync(settings: Settings, client: CloudClient, opts: SyncOptions | None =
     rep.full_fp16_delta_bytes = int(dwc.get("full_fp16_delta_bytes", 0))
     rep.tensors_patched, rep.rows_patched = int(dwc.get("tensors_patched", 0)), int(dwc.get("rows_patched", 0))
 
+    _check(cancel)
     stage("download", 0.0, "downloading the patch")
     dest = settings.device_dir / "patches" / f"{st.round_id}.gguf"
     dest.parent.mkdir(parents=True, exist_ok=True)
     got = client.download_patch(st.round_id, dest)
     rep.downlink_bytes = got.bytes
+    _check(cancel)
     stage("apply", 0.0, "verifying and applying the patch")
     res = model.store.apply_patch(dest)
     rep.apply_seconds, rep.version_after = res.seconds, res.version.id

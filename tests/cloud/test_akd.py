@@ -31,7 +31,10 @@ def test_adapters_leave_base_frozen_and_touch_only_targets(pair):
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])}
     assert changed, "adapters learned nothing"
     allowed = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "mm0.weight", "mm2.weight")
-    assert all(k.endswith(".weight") and any(a in k for a in allowed) for k in changed), changed
+    vision = tuple(f".{n}.weight" for n in ("q", "k", "v", "o", "up", "down"))
+    assert all(k.endswith(".weight") and (any(a in k for a in allowed) or
+                                          (k.startswith("vision.blocks.") and k.endswith(vision))) for k in changed), changed
+    assert any(k.startswith("vision.blocks.") for k in changed)  # the encoder adapters learned too
     assert {"ce", "kd", "feat"} <= set(stats) and stats["kd_active"]
 
 

@@ -47,7 +47,7 @@ def record(seed=0, entropies=(0.1, 0.9, 0.3), shift=0.0, shifted=(), image=True,
                       visual_embeddings=emb if image else None, tag="test")
 
 
-ABS = UTSConfig(mode="absolute", entropy_threshold=0.5, ood_threshold=2.0, ship_visual_tokens=True)
+ABS = UTSConfig(mode="absolute", entropy_threshold=0.5, ood_threshold=2.0, ship_visual_tokens=True, mask_ratio=0.5)
 
 
 # --- sample stage -------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_stages_advance_and_unknown_cloud_stages_count_as_distillation():
     assert s.round.stage("distil").status == "running" and s.round.message == "loading samples"
     s.on_stage("distil", 0.4, "step 20/50")
     s.on_stage("download", 0.0, "downloading the patch")  # skipped stages are marked done
-    assert [x.status for x in s.round.stages] == ["done", "done", "done", "running", "pending", "pending"]
+    assert [x.status for x in s.round.stages] == ["done", "done", "done", "done", "running", "pending", "pending"]
     assert s.cancel_requested() and s.round.cancelling
     s.round_cancelled()
     assert s.round.stage("download").status == "cancelled" and not s.round.running
