@@ -12,6 +12,11 @@ multimodal projector (mm0/mm2).  Three loss terms, each switchable for ablation:
 
 Source replay (ground-truth CE on source samples) keeps the round from forgetting what the device
 already knew -- the field notes measured source collapsing without it.
+
+Runs on CPU by default and unchanged under ``accelerate launch`` (an ``Accelerator`` wraps the
+adapter model and optimizer; with one process it is a no-op).  Manual multi-process check:
+``torchrun --nproc_per_node 2 -m cloud.akd_check`` (gloo on CPU; ``accelerate launch
+--num_processes N`` on GPUs) -- see that module.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 
 from .zoo.data import Codec, Split, make_batch
@@ -100,13 +106,17 @@ def distil(student: TinyLlava, teacher: TinyLlava, codec: Codec, dset: DistillSe
            cancelled: Callable[[], bool] | None = None) -> tuple[TinyLlava, dict]:
     """Train adapters on ``dset`` (+ replay) and return the MERGED student and loss statistics."""
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # each process draws its own batches; gradients are averaged across processes by DDP
+    rng = np.random.default_rng(cfg.seed if acc.process_index == 0 else [cfg.seed, acc.process_index])
     same_vocab = student.cfg.text.vocab_size == teacher.cfg.text.vocab_size
     kd_on = cfg.kd and same_vocab
     model = add_adapters(student, cfg)
     align = torch.nn.Linear(student.cfg.text.dim, teacher.cfg.text.dim, bias=False)
     params = [p for p in model.parameters() if p.requires_grad] + (list(align.parameters()) if cfg.feat else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    model, align, opt = acc.prepare(model, align, opt)
+    teacher = teacher.to(acc.device)
     teacher.eval()
     n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if replay is not None and len(replay) else 0
     n_new = cfg.batch_size - n_replay
@@ -148,8 +158,8 @@ def distil(student: TinyLlava, teacher: TinyLlava, codec: Codec, dset: DistillSe
             terms["replay"] = lm_loss(model(r), r.full_labels(model.cfg.vision.n_patches if r.images is not None else 0))
             loss = loss + terms["replay"] * (n_replay / cfg.batch_size) / max(n_new / cfg.batch_size, 1e-6)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
         opt.step()
         hist["loss"].append(loss.item())
         for k, v in terms.items():
@@ -157,7 +167,7 @@ def distil(student: TinyLlava, teacher: TinyLlava, codec: Codec, dset: DistillSe
         if on_step is not None:
             on_step(step, {k: v.item() for k, v in terms.items()})
     model.eval()
-    merged = model.merge_and_unload()
+    merged = acc.unwrap_model(model).merge_and_unload().cpu()
     stats = {k: float(np.mean(v[-20:])) for k, v in hist.items() if v}
     stats.update(kd_active=kd_on, steps=cfg.steps, trainable_params=sum(p.numel() for p in params))
     return merged, stats
