@@ -130,8 +130,9 @@ class RoundManager:
         with self._lock:
             event = self._cancel.get(round_id)
         if event is not None:
-            event.set()
+            # note first, then signal: the runner's final "cancelled" message must come last
             self.store.update_round(round_id, message="cancel requested")
+            event.set()
         return self.store.get_round(round_id, device)
 
     def shutdown(self, wait: bool = True) -> None:
