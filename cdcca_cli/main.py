@@ -21,6 +21,7 @@ from . import tui_cmd  # noqa: E402,F401
 from . import cloud_cmds  # noqa: E402,F401
 from . import sync_cmd  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
+from . import bench_cmd  # noqa: E402,F401
 
 
 @models_app.command("build")
