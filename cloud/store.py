@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 
 from device.contracts.config import Settings
 from device.contracts.wire import RoundRequest, RoundStatus, SampleCounts, UplinkSample
+from device.patch import fsync_dir as _fsync_dir
 
 DEVICE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -91,18 +92,6 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; not all platforms can open a directory, which is then fine."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

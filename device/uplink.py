@@ -26,6 +26,7 @@ from device.contracts.wire import (
     MAX_UPLOAD_SAMPLES, DeviceInfo, Health, ModelPresence, ModelUploadResult, RoundRequest,
     RoundStatus, SampleCounts, UploadRequest, UploadResponse, UplinkSample,
 )
+from device.patch import fsync_dir as _fsync_dir
 
 # 501/505 are 5xx but permanent ("not implemented"): retrying cannot help.
 _PERMANENT_5XX = frozenset({501, 505})
@@ -389,17 +390,6 @@ class _FileBody:
                 yield chunk
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --- queue sync -------------------------------------------------------------------------------
