@@ -155,6 +155,12 @@ def _findings(sec: Section, vals: dict) -> None:
                 s = f"Per domain, CDCCA is below {names[b]} on: {', '.join(worse)}."
                 sec.findings.append(s)
                 sec.not_beaten.append(s)
+    s, win = compare([r[ti] for r in vals["cdcca_merged"]], [r[ti] for r in vals["random"]],
+                     "the target-domain mean VQA (both merged, AKD all terms: only the selection differs)",
+                     "UTS selection", "random selection of as many chats")
+    sec.findings.append(s)
+    if not win:
+        sec.not_beaten.append(s)
     src = mean([r[si] for r in vals["cdcca"]]) - mean([r[si] for r in vals["source"]])
     sec.findings.append(f"Source domain after CDCCA: {pts(src)} vs the device as shipped "
                         + ("(no forgetting beyond half a point)." if src >= -0.005 else "(forgetting)."))

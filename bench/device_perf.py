@@ -136,7 +136,8 @@ def hook_overhead(model: Path, mmproj: Path, ps, reps: int) -> dict:
     tps = {h: acc[h][0] / acc[h][1] for h in acc}
     return {"tps_without": tps[False], "tps_with": tps[True], "ratio": tps[True] / tps[False],
             "us_per_token": 1e6 * (acc[True][1] / acc[True][0] - acc[False][1] / acc[False][0]),
-            "tokens": acc[True][0], "us_per_call_isolated": recorder_cost(rt.n_vocab)}
+            "tokens": acc[True][0], "us_per_call_isolated": recorder_cost(rt.n_vocab),
+            "n_vocab": rt.n_vocab}
 
 
 def recorder_cost(n_vocab: int, calls: int = 2000) -> float:
@@ -190,13 +191,6 @@ def apply_vs_replace(work: Path, model: Path, mmproj: Path, patch: Path, reps: i
             "copy_method": res.copy_method}
 
 
-def ctx_vocab(model_dir: Path) -> int:
-    import gguf
-
-    r = gguf.GGUFReader(str(model_dir / "student-q4_0.gguf"), "r")
-    return len(r.get_field("tokenizer.ggml.tokens").data)
-
-
 def run(ctx: Context) -> Section:
     from .ablations import _device_files
 
@@ -242,7 +236,7 @@ def run(ctx: Context) -> Section:
     t2.notes = [f"{max(2, p.perf_reps)} alternating passes over the same prompts each way (orders swapped every pass); "
                 "target: ratio >= 0.90. The hook runs once per decode step, including the final step that yields "
                 f"EOS. In a hot loop without decoding in between, one call costs {hk['us_per_call_isolated']:.0f} µs "
-                f"(vocabulary {ctx_vocab(md)}); the decode step of this model costs only "
+                f"(vocabulary {hk['n_vocab']}); the decode step of this model costs only "
                 f"{1e6 / hk['tps_without']:.0f} µs, so the same absolute cost is a large fraction here and a small "
                 "one on a model whose step takes milliseconds."]
     sec.tables.append(t2)

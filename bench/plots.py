@@ -24,7 +24,7 @@ def accuracy_bars(sec, out: Path) -> str:
 
     per_seed = sec.data["per_seed"]
     groups = list(DOMAINS) + ["target mean"]
-    fig, ax = plt.subplots(figsize=(11, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 5.2))
     w = 0.8 / len(METHODS)
     for i, (key, label) in enumerate(METHODS):
         rows = np.array(per_seed[key])[:, : len(groups)]
@@ -33,7 +33,7 @@ def accuracy_bars(sec, out: Path) -> str:
     ax.set_xticks(np.arange(len(groups)) + 0.4 - w / 2, groups)
     ax.set_ylabel("VQA accuracy (eval split)")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.set_title("Accuracy per domain after one round (mean ± std over seeds)")
     return _save(fig, out / "accuracy_per_domain.png")
 
@@ -96,10 +96,12 @@ def continual_lines(sec, out: Path) -> str:
 
 def fleet_hist(sec, out: Path) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    every = np.concatenate([np.array(sec.data[k]["latencies_ms"], dtype=float) for k in ("steady", "restart")])
+    bins = np.histogram_bin_edges(every, 40) if every.size else 10
     for key, label in (("steady", "steady"), ("restart", "with cloud restart")):
         lat = np.array(sec.data[key]["latencies_ms"])
         if lat.size:
-            ax.hist(lat, bins=40, alpha=0.6, label=f"{label} (p50 {np.percentile(lat, 50):.0f} ms, "
+            ax.hist(lat, bins=bins, alpha=0.6, label=f"{label} (p50 {np.percentile(lat, 50):.0f} ms, "
                                                    f"p99 {np.percentile(lat, 99):.0f} ms)")
     ax.set_xlabel("upload request latency (ms)")
     ax.set_ylabel("requests")

@@ -59,7 +59,8 @@ def run_bench(profile: str = "quick", out: Path = Path("results"), seeds: int | 
             t = time.time()
             sections[key] = fn(ctx)
             sections[key].seconds = time.time() - t
-            timings[sections[key].title] = sections[key].seconds
+            timings[sections[key].title + (" (tables; training is in the jobs row)" if key in
+                                           ("accuracy", "ablations", "continual") else "")] = sections[key].seconds
             log(f"section {key} done", t0)
         for key in ("accuracy", "ablations", "continual"):  # their compute ran in the jobs
             sections[key].compute_s = sum(r["seconds"] for n, r in ctx.results.items()
