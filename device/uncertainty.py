@@ -78,9 +78,30 @@ def _as_logits(logits: np.ndarray, ndim: int) -> np.ndarray:
     return x
 
 
+def _stats_one(x: np.ndarray) -> TokenUncertainty | None:
+    """The decode loop's fast path for one finite row: the same float64 math as ``_stats_rows``
+    in fewer numpy calls (each call costs ~1 µs, which matters next to a 150 µs decode step).
+    Returns None when the row needs the careful path (non-finite max, fewer than 2 entries)."""
+    a = int(x.argmax())
+    m = float(x[a])
+    if not math.isfinite(m) or x.shape[0] < 2:
+        return None
+    z = x.astype(np.float64)
+    z -= m
+    np.maximum(z, _Z_FLOOR, out=z)
+    e = np.exp(z)
+    s = float(e.sum())
+    h = math.log(s) - float(np.vdot(e, z)) / s
+    second = math.exp(max(float(np.partition(x, -2)[-2]) - m, _Z_FLOOR))  # runner-up, unnormalised
+    return TokenUncertainty(max(h, 0.0), 1.0 / s, (1.0 - second) / s, a)
+
+
 def token_stats(logits: np.ndarray) -> TokenUncertainty:
     """Uncertainty of one step from its full-vocabulary logits, shape [V]."""
     x = _as_logits(logits, 1)
+    fast = _stats_one(x)
+    if fast is not None:
+        return fast
     h, p, mg, a = _stats_rows(x[None, :])
     return TokenUncertainty(float(h[0]), float(p[0]), float(mg[0]), int(a[0]))
 
