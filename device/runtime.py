@@ -24,11 +24,8 @@ LogitsHook = Callable[[np.ndarray], None]
 _GGML_TYPES = {"f32": 0, "f16": 1}
 
 
-class RuntimeError_(RuntimeError):
+class ModelError(RuntimeError):
     """A model could not be loaded or run; the message is one line naming the file."""
-
-
-ModelError = RuntimeError_
 
 
 @dataclass
@@ -102,6 +99,14 @@ def _no_weight_repacking(repack: bool):
         lc.llama_model_default_params = orig
 
 
+def _vision_geometry(mmproj: Path) -> tuple[int, int]:
+    """(image_size, patch_size) of an mmproj: the size images are resized to before libmtmd."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(mmproj), "r")
+    return int(r.get_field("clip.vision.image_size").contents()), int(r.get_field("clip.vision.patch_size").contents())
+
+
 def _check_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise ModelError(f"{path}: no such {what} file")
@@ -117,6 +122,7 @@ class Runtime:
         self.cfg = cfg
         self._llama = None
         self._mtmd = None
+        self.image_size = self.patch_size = 0  # set by _load when an mmproj is given
         self._load()
 
     # ------------------------------------------------------------ loading
@@ -153,6 +159,7 @@ class Runtime:
                 raise ModelError(f"{c.mmproj_path}: libmtmd could not load this mmproj for {Path(c.model_path).name} "
                                  "(wrong file, or its projection size does not match the text model)")
             self._mtmd = ctx
+            self.image_size, self.patch_size = _vision_geometry(Path(c.mmproj_path))
 
     def reload(self, model_path: Path | None = None, mmproj_path: Path | None = None) -> float:
         """Re-open the (patched) files; returns seconds taken. llama.cpp memory-maps the model,
@@ -186,25 +193,6 @@ class Runtime:
     def has_vision(self) -> bool:
         return self._mtmd is not None
 
-    @property
-    def image_size(self) -> int:
-        from llama_cpp import mtmd_cpp  # noqa: F401
-
-        return self._image_size_from_gguf()
-
-    def _image_size_from_gguf(self) -> int:
-        if not hasattr(self, "_img_size"):
-            from gguf import GGUFReader
-
-            r = GGUFReader(str(self.cfg.mmproj_path), "r")
-            self._img_size = int(r.get_field("clip.vision.image_size").contents())
-            self._patch = int(r.get_field("clip.vision.patch_size").contents())
-        return self._img_size
-
-    @property
-    def patch_size(self) -> int:
-        self._image_size_from_gguf()
-        return self._patch
 
     # ------------------------------------------------------------ text helpers
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
