@@ -12,7 +12,6 @@ ends in exactly one terminal state.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from device.contracts.model_id import file_sha256 as sha256_file
 from device.contracts.wire import RoundOptions, RoundRequest, RoundStatus, UplinkSample
 
 from .store import Store, jsonable, utcnow
@@ -82,14 +82,6 @@ def one_line(exc: BaseException, limit: int = 500) -> str:
     detail = text[0] if text else ""
     msg = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     return msg[:limit]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class RoundManager:

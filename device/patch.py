@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 from gguf import GGUFReader
 
+from device.contracts.model_id import file_sha256 as sha256_file  # noqa: F401  (used by versions)
 from device.contracts.patch_format import Patch, PatchEntry, PatchError, data_region_sha256, n_rows, read_patch
 
 try:
@@ -198,8 +199,3 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
