@@ -9,6 +9,7 @@ exact entropy at almost no cost, with no ``logits_all`` memory and no top-k trun
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from device.contracts import prompt
+from device.chat_prompt import ChatPrompt, PromptConfig, Rendered
 
 LogitsHook = Callable[[np.ndarray], None]
 _GGML_TYPES = {"f32": 0, "f16": 1}
@@ -42,6 +43,9 @@ class RuntimeConfig:
     # KV cache precision: "f16" is llama.cpp's default (half the cache memory); "f32" makes the
     # device bit-comparable with the torch twin (used by the parity tests and evaluation).
     kv_cache: str = "f16"
+    # how questions become prompts: the GGUF's own chat template, else the stated fallback
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    max_tokens: int = 16  # default answer budget; an answer cut there is marked ``truncated``
 
 
 @dataclass
@@ -54,6 +58,8 @@ class Generation:
     prefill_s: float
     decode_s: float
     extra: dict = field(default_factory=dict)
+    truncated: bool = False  # stopped by max_tokens, not by an end-of-generation token
+    prompt_kind: str = ""  # ChatPrompt.kind: template / toy / fallback:<name>
 
     @property
     def tokens_per_s(self) -> float:
@@ -160,6 +166,28 @@ class Runtime:
                                  "(wrong file, or its projection size does not match the text model)")
             self._mtmd = ctx
             self.image_size, self.patch_size = _vision_geometry(Path(c.mmproj_path))
+        self.chat = self._chat_prompt()
+
+    def _chat_prompt(self) -> ChatPrompt:
+        """The model's own prompt format, read from its GGUF metadata (see device.chat_prompt)."""
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+
+        def text(tok: int) -> str:
+            return llama_cpp.llama_vocab_get_text(self._vocab, tok).decode("utf-8", "replace") if tok >= 0 else ""
+
+        template = (self._llama.metadata or {}).get("tokenizer.chat_template")
+        cp = ChatPrompt(template, text(llama_cpp.llama_vocab_bos(self._vocab)),
+                        text(llama_cpp.llama_vocab_eos(self._vocab)), self.cfg.prompt,
+                        Path(self.cfg.model_path).name, mtmd_cpp.mtmd_default_marker().decode())
+        if cp.notice:
+            logging.getLogger("cdcca.runtime").warning(cp.notice)
+        return cp
+
+    @property
+    def prompt_notice(self) -> str | None:
+        """One line when the model has no chat template and a fallback is in use (for the faces)."""
+        return self.chat.notice
 
     def reload(self, model_path: Path | None = None, mmproj_path: Path | None = None) -> float:
         """Re-open the (patched) files; returns seconds taken. llama.cpp memory-maps the model,
@@ -195,8 +223,16 @@ class Runtime:
 
 
     # ------------------------------------------------------------ text helpers
-    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        return self._llama.tokenize(text.encode(), add_bos=add_bos, special=False)
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
+        return self._llama.tokenize(text.encode(), add_bos=add_bos, special=special)
+
+    def render(self, question: str, with_image: bool = False) -> Rendered:
+        return self.chat.render(question, with_image)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of a text-only turn's prompt, exactly as prefill feeds them."""
+        r = self.render(question, False)
+        return self.tokenize(r.text, add_bos=r.add_special, special=r.parse_special)
 
     def piece(self, token: int) -> str:
         import llama_cpp
@@ -231,11 +267,12 @@ class Runtime:
         if image is not None and self._mtmd is None:
             raise ModelError("an image was given but no mmproj is loaded (text-only model)")
         if image is None:
-            ids = self.tokenize(prompt.prompt_text(question, False), add_bos=True)
+            ids = self.prompt_ids(question)
             self._decode_tokens(ids, 0)
             return len(ids), None, ids
-        text = prompt.prompt_text(question, True).encode()
-        inp = mtmd_cpp.mtmd_input_text(text, len(text), True, False)
+        r = self.render(question, True)
+        text = r.text.encode()
+        inp = mtmd_cpp.mtmd_input_text(text, len(text), r.add_special, r.parse_special)
         chunks = mtmd_cpp.mtmd_input_chunks_init()
         bmp = self._bitmap(image)
         try:
@@ -296,20 +333,28 @@ class Runtime:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     # ------------------------------------------------------------ generation
-    def generate(self, question: str, image: np.ndarray | None = None, max_tokens: int = 16,
+    def generate(self, question: str, image: np.ndarray | None = None, max_tokens: int | None = None,
                  logits_hook: LogitsHook | None = None, on_token: Callable[[int, str], None] | None = None) -> Generation:
-        """Greedy decode. ``logits_hook`` sees each step's full logits before the token is chosen."""
+        """Greedy decode until an end-of-generation token of the model (EOS, EOT, <|im_end|>...),
+        or ``max_tokens`` (default ``cfg.max_tokens``) -- then the answer is marked ``truncated``.
+        ``logits_hook`` sees each step's full logits before the token is chosen."""
+        max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         t0 = time.perf_counter()
         n_past, embd, ids = self.prefill(question, image)
         t1 = time.perf_counter()
-        out, pieces = [], []
+        out, pieces, truncated = [], [], True
         for _ in range(max_tokens):
             lg = self.logits()
             if logits_hook is not None:
                 logits_hook(lg)
             tok = int(lg.argmax())
             if self.is_eog(tok):
+                truncated = False
                 break
+            if n_past >= self.cfg.n_ctx:
+                break  # the context is full: as cut as a max_tokens stop
             out.append(tok)
             pieces.append(self.piece(tok))
             if on_token is not None:
@@ -317,7 +362,7 @@ class Runtime:
             n_past = self._decode_tokens([tok], n_past)
         t2 = time.perf_counter()
         return Generation("".join(pieces).strip(), out, pieces, embd, len(ids) + (0 if embd is None else len(embd)),
-                          t1 - t0, t2 - t1)
+                          t1 - t0, t2 - t1, truncated=truncated, prompt_kind=self.chat.kind)
 
 
 def default_threads() -> int:
