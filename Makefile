@@ -5,6 +5,7 @@ PY        ?= python3
 VENV      ?= .venv
 BIN       := $(VENV)/bin
 WHEELS    ?= $(HOME)/.cache/cdcca/wheels
+SDIST     ?= $(HOME)/.cache/cdcca/sdist
 LLAMA_VER := 0.3.36
 STAMP     := $(VENV)/.cdcca-installed
 
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-*.whl >/dev/null 2>&1 || \
 	  $(BIN)/pip wheel --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_VER)
+	# the sdist also carries llama.cpp's official HF->GGUF converter (cloud/converter.py runs it)
+	ls $(SDIST)/llama_cpp_python-$(LLAMA_VER).tar.gz >/dev/null 2>&1 || \
+	  $(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_VER) -d $(SDIST)
 	$(BIN)/pip install -q --find-links $(WHEELS) -e ".[test]"
 	@if $(BIN)/pip list 2>/dev/null | grep -qi '^nvidia'; then echo "error: CUDA packages were pulled in; torch must stay the pinned CPU build" >&2; exit 1; fi
 	touch $(STAMP)
