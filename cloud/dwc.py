@@ -24,10 +24,11 @@ import gguf
 import numpy as np
 import torch
 
-from device.contracts.patch_format import QUANTIZABLE, make_patch_from_arrays, row_nbytes
+from device.contracts.patch_format import make_patch_from_arrays, row_nbytes
 from device.contracts.patch_format import read_patch
 from device.patch import plan_patch, verify_written, write_placements
 
+from . import ggml_quant
 from .zoo.data import Codec, Split
 from .zoo.gguf_load import load_gguf_pair
 from .zoo.gguf_names import tensor_map
@@ -110,8 +111,8 @@ def rank_blocks(updates, fisher, types, cfg: DWCConfig, old_weights) -> tuple[li
     blocks, skipped = [], []
     for g, (role, new, delta) in updates.items():
         qtype, shape = types[g]
-        if qtype not in QUANTIZABLE:
-            skipped.append(f"{g} ({qtype.name}: gguf-py cannot quantize this type; tensor not shipped)")
+        if not ggml_quant.supported(qtype):  # K-quants too (ggml's own quantizer); IQ types refused
+            skipped.append(f"{g} ({qtype.name}: cdcca does not re-quantize this type; tensor not shipped)")
             continue
         d2 = delta.reshape(-1, shape[0]) ** 2
         if fisher is not None and g in fisher:
@@ -158,7 +159,8 @@ def compress(merged: TinyLlava, twin: TinyLlava, files: dict[str, Path], out_pat
     new_tensors = {k: (updates[k.split(":", 1)[1]][1], v) for k, v in ranges.items()}
     total_imp = sum(b.importance for b in blocks) or 1.0
     build = make_patch_from_arrays({r: str(p) for r, p in files.items()}, new_tensors, out_path,
-                                   round_id=round_id, parent_version=parent_version, skip_unsupported=True)
+                                   round_id=round_id, parent_version=parent_version, skip_unsupported=True,
+                                   quantizer=ggml_quant.quantize)
     fp16 = sum(int(np.prod(u[2].shape)) * 2 for u in updates.values())
     per_tensor: dict[str, int] = {}
     for e in build.entries:

@@ -28,11 +28,11 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-from gguf.quants import quantize
+from gguf.quants import dequantize, quantize
 
 FORMAT_VERSION = 1
 ARCH = "cdcca-patch"
@@ -52,6 +52,7 @@ T = GGMLQuantizationType
 QUANTIZABLE: frozenset[GGMLQuantizationType] = frozenset(
     {T.F32, T.F16, T.BF16, T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1}
 )
+Quantizer = Callable[[np.ndarray, GGMLQuantizationType], bytes]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -365,8 +366,14 @@ def make_patch_from_arrays(base_gguf_path: str | os.PathLike | Mapping[str, str 
                            new_tensors: Mapping[str, tuple[np.ndarray, RowRanges]],
                            out_path: str | os.PathLike, *, round_id: str, parent_version: str = "",
                            note: str = "", data_hashes: bool = False,
-                           skip_unsupported: bool = False) -> PatchBuild:
+                           skip_unsupported: bool = False, quantizer: Quantizer | None = None) -> PatchBuild:
     """Re-quantize selected rows of new float weights to the base tensors' own types; write a patch.
+
+    ``quantizer`` (rows, type) -> bytes re-quantizes; its ``supports`` attribute (a set of types),
+    if any, says which types it takes. Default: ``quantize_rows`` (gguf-py; no K-quants). The cloud
+    passes ggml's own quantizer (``cloud.ggml_quant``) for K-quants. A row whose new floats equal
+    the dequantized old bytes keeps those bytes: re-quantizing an unchanged K-quant row would
+    change them (Q6_K: most of the time) and ship noise.
 
     ``base_gguf_path`` is the device's model GGUF, or ``{"model": ..., "mmproj": ...}``.
     ``new_tensors`` maps a GGUF tensor name (``"role:name"`` to force the file) to the FULL new
@@ -384,10 +391,10 @@ def make_patch_from_arrays(base_gguf_path: str | os.PathLike | Mapping[str, str 
     for key, (array, ranges) in new_tensors.items():
         role, name = _resolve(key, index)
         t = index[role][name]
-        if t.tensor_type not in QUANTIZABLE and skip_unsupported:
+        if t.tensor_type not in getattr(quantizer, "supports", QUANTIZABLE) and skip_unsupported:
             skipped.append(f"{role}:{name} ({t.tensor_type.name})")
             continue
-        got, n_same = _tensor_pieces(role, name, t, array, ranges)
+        got, n_same = _tensor_pieces(role, name, t, array, ranges, quantizer or quantize_rows)
         pieces += got
         unchanged += n_same
     entries = tuple(p[0] for p in pieces)
@@ -415,8 +422,8 @@ def _resolve(key: str, index: Mapping[str, Mapping[str, object]]) -> tuple[str, 
     return found[0], key
 
 
-def _tensor_pieces(role: str, name: str, t, array: np.ndarray,
-                   ranges: RowRanges) -> tuple[list[tuple[PatchEntry, bytes, bytes]], int]:
+def _tensor_pieces(role: str, name: str, t, array: np.ndarray, ranges: RowRanges,
+                   quantizer: Quantizer) -> tuple[list[tuple[PatchEntry, bytes, bytes]], int]:
     """(entry, new bytes, old bytes) per run of changed rows in the selected ranges."""
     shape = tuple(int(x) for x in t.shape)
     arr = np.asarray(array, dtype=np.float32)
@@ -429,8 +436,10 @@ def _tensor_pieces(role: str, name: str, t, array: np.ndarray,
     out, same = [], 0
     for start, count in ranges if ranges is not None else [(0, n_rows(shape))]:
         rows_bytes(t.tensor_type, shape, start, count)
-        new = np.frombuffer(quantize_rows(rows[start:start + count], t.tensor_type), np.uint8)
-        new = new.reshape(count, per_row)
+        want = rows[start:start + count]
+        new = np.frombuffer(quantizer(want, t.tensor_type), np.uint8).reshape(count, per_row).copy()
+        same_floats = (want == dequantize(old[start:start + count], t.tensor_type).reshape(count, -1)).all(axis=1)
+        new[same_floats] = old[start:start + count][same_floats]  # untouched rows keep their bytes
         changed = (new != old[start:start + count]).any(axis=1)
         same += int(count - changed.sum())
         for s, n in _runs(changed):

@@ -14,46 +14,13 @@ import pytest
 from device.chat_prompt import ChatPrompt, PromptConfig
 from device.contracts.prompt import CHAT_TEMPLATE
 from device.runtime import Runtime, RuntimeConfig
+from tiny_hf import CHATML_TEMPLATE, tiny_llama
 
-TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}{{ bos_token }}<|im_start|>system\nYou are a helpful assistant."
-    "<|im_end|>\n{% else %}{{ bos_token }}{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+TEMPLATE = CHATML_TEMPLATE
 # token-level equality needs text this toy tokenizer covers (llama.cpp's SPM merge-by-score and HF's
 # BPE merges part ways on byte-fallback runs); the rendered TEXT is compared on every question
 QUESTIONS = ("what colour is the circle?", "  hello world how are you today?  ", "is the circle red")
 ODD = ("Ünïcode: 3.3 + 33 = ?", "two\nlines, {braces} <|im_end|> inside")
-
-
-def _tiny_llama(out: Path, template: str | None) -> Path:
-    """A 2-layer random Llama + a byte-fallback BPE tokenizer (Llama-style) with ChatML specials."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)],
-                                  show_progress=False)
-    tok.train_from_iterator(["what colour is the circle? the circle is red. you are a helpful assistant."] * 50
-                            + ["hello world how are you today, system user"] * 50, trainer)
-    ft = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
-                                 pad_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    if template:
-        ft.chat_template = template
-    ft.save_pretrained(out)
-    cfg = LlamaConfig(vocab_size=len(ft), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=ft.bos_token_id, eos_token_id=ft.eos_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +28,8 @@ def converted(tmp_path_factory):
     from cloud.converter import convert
 
     root = tmp_path_factory.mktemp("tiny-llama")
-    with_t = _tiny_llama(root / "hf", TEMPLATE)
-    plain = _tiny_llama(root / "hf-plain", None)
+    with_t = tiny_llama(root / "hf", TEMPLATE)
+    plain = tiny_llama(root / "hf-plain", None)
     assert "chat_template" not in json.loads((plain / "tokenizer_config.json").read_text())
     return {"hf": with_t, "gguf": convert(with_t, root / "chat.gguf"), "plain": convert(plain, root / "plain.gguf")}
 
