@@ -28,6 +28,10 @@ def add_device(name: str = typer.Argument(..., help="device name: 1-64 letters, 
             store.close()
         console.print(f"added device {name!r}; its token is shown only now (the cloud keeps just "
                       "a hash). On the device run:", highlight=False, soft_wrap=True)
+        from cloud.signing import public_key  # the device pins it: patches must carry its signature
+
+        console.print(f"export CDCCA_CLOUD_KEY={public_key(load_settings().cloud_dir)}",
+                      highlight=False, soft_wrap=True)
         console.print(f"export CDCCA_DEVICE_TOKEN={token}", highlight=False, soft_wrap=True)
 
 

@@ -19,7 +19,9 @@ cloud's duplicate detection makes the re-send harmless.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -103,6 +105,26 @@ class QueueRow:
 _COLUMNS = "sample_id, created_at, status, score, ood_score, raw_bytes, shipped_bytes, tag, payload"
 
 
+def _create_private(path: Path) -> None:
+    """The queue holds the user's images and prompts: its folder is 0700 and the database 0600
+    before SQLite opens it (SQLite then creates -wal and -shm with the database's own mode)."""
+    from device.trust import private_dir
+
+    private_dir(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    _tighten(path)
+
+
+def _tighten(path: Path) -> None:
+    """Files an older version created 0644 are made 0600 on the next open."""
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if stat.S_IMODE(p.stat().st_mode) & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def default_path() -> Path:
     from device.contracts.config import load_settings
 
@@ -115,7 +137,7 @@ class Queue:
 
     def __init__(self, path: str | Path | None = None, *, timeout_s: float = 30.0) -> None:
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(self.path)
         # isolation_level=None: no implicit transactions; _tx() says exactly where they are
         self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
@@ -126,6 +148,7 @@ class Queue:
         with self._tx() as db:
             for statement in _SCHEMA:
                 db.execute(statement)
+        _tighten(self.path)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -2,14 +2,19 @@
 
 Torch-free and cloud-free by design: it speaks only the wire schemas in ``device.contracts``.
 Networks on laptops fail, so transient failures (no connection, timeouts, 5xx, 429) are retried
-with exponential backoff and full jitter; anything the cloud *decided* (other 4xx) is raised at
-once as a :class:`CloudError` with a one-line reason, because retrying a refusal only hides it.
+with exponential backoff and full jitter, for a *time* budget (default 90 s, so a cloud restart of
+30 s and more is ridden out); anything the cloud *decided* (other 4xx) is raised at once as a
+:class:`CloudError` with a one-line reason, because retrying a refusal only hides it.  Nothing the
+cloud says is trusted as-is: every answer is validated against the wire schema (a malformed one is
+a one-line CloudError), ids are checked by pattern before they go into a URL, and a downloaded
+patch is capped in size and written under a name the caller chose.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import random
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,10 +26,14 @@ from typing import Any, Protocol
 import httpx
 from tqdm import tqdm
 
+from pydantic import BaseModel, ValidationError
+
 from device.contracts.model_id import ROLES
+from device.contracts.signing import SIGNATURE_HEADER
 from device.contracts.wire import (
-    MAX_UPLOAD_SAMPLES, DeviceInfo, Health, ModelPresence, ModelUploadResult, RoundRequest,
-    RoundStatus, SampleCounts, UploadRequest, UploadResponse, UplinkSample,
+    MAX_UPLOAD_SAMPLES, MODEL_ID_PATTERN, ROUND_ID_PATTERN, SHA256_PATTERN, DeviceInfo, Health,
+    ModelPresence, ModelUploadResult, RoundRequest, RoundStatus, SampleCounts, UploadRequest,
+    UploadResponse, UplinkSample,
 )
 from device.patch import fsync_dir as _fsync_dir
 
@@ -36,6 +45,10 @@ _JSON_OVERHEAD = 64  # bytes of '{"samples":[...]}' framing, generously
 _FILE_CHUNK = 1 << 20  # bytes read per chunk of a streamed model-file upload
 # The cloud hashes both model files (gigabytes) before it answers the upload that completes them.
 _MODEL_READ_TIMEOUT = 600.0
+RETRY_BUDGET_S = 90.0  # > the 30 s cloud restart the device must ride out, with room to spare
+MAX_PATCH_BYTES = 64 << 20  # a patch larger than this is refused whatever the cloud announces
+_ROUND_ID, _MODEL_ID, _SHA256 = (re.compile(p) for p in (ROUND_ID_PATTERN, MODEL_ID_PATTERN,
+                                                         SHA256_PATTERN))
 
 
 class CloudError(RuntimeError):
@@ -74,6 +87,7 @@ class DownloadedPatch:
     path: Path
     sha256: str
     bytes: int
+    signature: str | None = None  # the cloud's X-Patch-Signature (see device.contracts.signing)
 
 
 _REASONS = {
@@ -108,6 +122,24 @@ def _retryable_status(status: int, idempotent: bool) -> bool:
     return status == 429 or (status >= 500 and status not in _PERMANENT_5XX)
 
 
+def _checked(pattern: re.Pattern[str], value: str, what: str) -> str:
+    """An id goes into a URL only if it matches its wire pattern (no '/', '..', '?')."""
+    if not isinstance(value, str) or not pattern.match(value):
+        raise CloudError(f"invalid {what} {str(value)[:80]!r}: refusing to use it")
+    return value
+
+
+def _validate(cls: type[BaseModel], data: Any, what: str) -> Any:
+    """Parse an answer with its wire schema; a cloud that answers garbage gets one line."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise CloudError(f"cloud sent an invalid answer to {what}: {loc}: "
+                         f"{first.get('msg', 'invalid')}") from None
+
+
 def _retryable_exc(exc: httpx.HTTPError, idempotent: bool) -> bool:
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return True  # the request never left: safe for every method
@@ -119,11 +151,15 @@ class CloudClient:
     """One cloud endpoint and one device token.  ``transport`` lets tests plug in
     ``httpx.MockTransport`` / ``httpx.ASGITransport`` instead of sockets."""
 
-    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0, retries: int = 5,
-                 backoff: float = 0.5, max_backoff: float = 8.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0,
+                 retries: int | None = None, backoff: float = 0.5, max_backoff: float = 8.0,
+                 transport: httpx.BaseTransport | None = None,
+                 retry_budget_s: float = RETRY_BUDGET_S) -> None:
+        """``retries=None`` (the default) retries for ``retry_budget_s`` seconds; an int caps the
+        number of retries instead (tests, and callers that must fail fast)."""
         self.base_url = base_url.rstrip("/")
-        self.retries = max(0, retries)
+        self.retries = None if retries is None else max(0, retries)
+        self.retry_budget_s = retry_budget_s
         self.backoff = backoff
         self.max_backoff = max_backoff
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -157,9 +193,10 @@ class CloudClient:
     def _send(self, method: str, path: str, *, idempotent: bool = True, stream: bool = False,
               **kwargs: Any) -> Iterator[httpx.Response]:
         """Send with retries; yields a successful (2xx) response, raises CloudError otherwise."""
-        tries = self.retries + 1
+        deadline = time.monotonic() + self.retry_budget_s
         last = ""
-        for attempt in range(tries):
+        attempt = 0
+        while True:
             response: httpx.Response | None = None
             try:
                 request = self._http.build_request(method, path, **kwargs)
@@ -181,25 +218,32 @@ class CloudClient:
                 if not _retryable_status(response.status_code, idempotent):
                     raise _error_for(response)
                 last = f"HTTP {response.status_code}: {_detail(response)}"
-            if attempt + 1 < tries:
-                time.sleep(self._delay(attempt, response))
+            attempt += 1
+            left = deadline - time.monotonic()
+            if (attempt > self.retries) if self.retries is not None else left <= 0:
+                break
+            delay = self._delay(attempt - 1, response)
+            time.sleep(delay if self.retries is not None else min(delay, left))
         raise CloudUnavailable(
-            f"cloud at {self.base_url} is unreachable after {tries} tries: {last}")
+            f"cloud at {self.base_url} is unreachable after {attempt} tries: {last}")
 
     def _json(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> Any:
         with self._send(method, path, idempotent=idempotent, **kwargs) as response:
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:
+                raise CloudError(f"cloud sent a non-JSON answer to {method} {path}") from None
 
     # --- API ----------------------------------------------------------------------------------
     def health(self) -> Health:
-        self._health = Health.model_validate(self._json("GET", "/v1/health"))
+        self._health = _validate(Health, self._json("GET", "/v1/health"), "GET /v1/health")
         return self._health
 
     def me(self) -> DeviceInfo:
-        return DeviceInfo.model_validate(self._json("GET", "/v1/me"))
+        return _validate(DeviceInfo, self._json("GET", "/v1/me"), "GET /v1/me")
 
     def sample_counts(self) -> SampleCounts:
-        return SampleCounts.model_validate(self._json("GET", "/v1/samples/count"))
+        return _validate(SampleCounts, self._json("GET", "/v1/samples/count"), "GET /v1/samples/count")
 
     def upload(self, samples: Sequence[UplinkSample], batch_size: int = 32, progress: bool = True,
                on_ack: Callable[[list[str]], None] | None = None) -> UploadResult:
@@ -215,7 +259,7 @@ class CloudClient:
                 body = UploadRequest(samples=batch).model_dump_json().encode()
                 data = self._json("POST", "/v1/samples", content=body,
                                   headers={"Content-Type": "application/json"})
-                response = UploadResponse.model_validate(data)
+                response = _validate(UploadResponse, data, "POST /v1/samples")
                 result.add(response)
                 if on_ack is not None:
                     on_ack(response.accepted + response.duplicates)
@@ -247,19 +291,21 @@ class CloudClient:
     # --- device models (content-addressed, shared by all devices on the cloud) ----------------
     def has_model(self, model_id: str) -> bool:
         """Whether the cloud holds both GGUF files of ``model_id`` (see device.contracts.model_id)."""
+        _checked(_MODEL_ID, model_id, "model id")
         try:
             data = self._json("GET", f"/v1/models/{model_id}")
         except CloudError as exc:
             if exc.status == 404:
                 return False
             raise
-        return ModelPresence.model_validate(data).present
+        return _validate(ModelPresence, data, "GET /v1/models/{id}").present
 
     def upload_model(self, model_id: str, files: dict[str, Path], progress: bool = True) -> None:
         """Stream each file of the model (``{"model": path, "mmproj": path}``) as a raw PUT body,
         never reading a whole file into memory.  Same retry policy as sample uploads (a PUT is
         idempotent: a retry re-sends the file from its start); a refusal raises CloudError, e.g.
         422 when the files do not hash to ``model_id``."""
+        _checked(_MODEL_ID, model_id, "model id")
         missing = [r for r in ROLES if files.get(r) is None]
         if missing:
             raise ValueError(f"model {model_id}: no {' or '.join(missing)} file to upload "
@@ -277,7 +323,7 @@ class CloudClient:
                            "Content-Length": str(sizes[role])}
                 data = self._json("PUT", f"/v1/models/{model_id}/{role}", timeout=timeout,
                                   content=_FileBody(paths[role], bar), headers=headers)
-                result = ModelUploadResult.model_validate(data)
+                result = _validate(ModelUploadResult, data, "PUT /v1/models/{id}/{role}")
                 if result.complete:  # the cloud may have it already (another device sent it)
                     break
         if result is None or not result.complete:
@@ -296,17 +342,40 @@ class CloudClient:
         data = self._json("POST", "/v1/rounds", idempotent=False,
                           content=req.model_dump_json().encode(),
                           headers={"Content-Type": "application/json"})
-        return RoundStatus.model_validate(data)
+        return _validate(RoundStatus, data, "POST /v1/rounds")
 
     def round_status(self, round_id: str) -> RoundStatus:
-        return RoundStatus.model_validate(self._json("GET", f"/v1/rounds/{round_id}"))
+        _checked(_ROUND_ID, round_id, "round id")
+        status = _validate(RoundStatus, self._json("GET", f"/v1/rounds/{round_id}"),
+                           "GET /v1/rounds/{id}")
+        if status.round_id != round_id:
+            raise CloudError(f"cloud answered round {status.round_id} when asked for {round_id}")
+        return status
 
     def list_rounds(self) -> list[RoundStatus]:
-        return [RoundStatus.model_validate(r) for r in self._json("GET", "/v1/rounds")]
+        data = self._json("GET", "/v1/rounds")
+        if not isinstance(data, list):
+            raise CloudError("cloud sent an invalid answer to GET /v1/rounds: not a list")
+        return [_validate(RoundStatus, r, "GET /v1/rounds") for r in data]
 
     def cancel_round(self, round_id: str) -> RoundStatus:
         # Cancelling twice is harmless, so this POST may be retried like a read.
-        return RoundStatus.model_validate(self._json("POST", f"/v1/rounds/{round_id}/cancel"))
+        _checked(_ROUND_ID, round_id, "round id")
+        return _validate(RoundStatus, self._json("POST", f"/v1/rounds/{round_id}/cancel"),
+                         "POST /v1/rounds/{id}/cancel")
+
+    def release_round(self, round_id: str) -> bool:
+        """Tell the cloud this device will never apply ``round_id`` (refused patch, failed smoke
+        test, moved on): its samples become usable again.  False when the cloud has no such route
+        (older server) or no such round; releasing twice is harmless, so it is retried."""
+        _checked(_ROUND_ID, round_id, "round id")
+        try:
+            self._json("POST", f"/v1/rounds/{round_id}/release")
+        except CloudError as exc:
+            if exc.status in (404, 405, 501):
+                return False
+            raise
+        return True
 
     def wait_round(self, round_id: str, on_progress: Callable[[RoundStatus], None] | None = None,
                    poll: float = 0.5, timeout: float | None = None) -> RoundStatus:
@@ -327,16 +396,25 @@ class CloudClient:
                                    f"{status.progress:.0%}) after {timeout:g} s")
             time.sleep(poll)
 
-    def download_patch(self, round_id: str, dest_path: str | os.PathLike[str]) -> DownloadedPatch:
-        """Stream the patch to a temp file beside ``dest_path``, verify its SHA-256 against the
+    def download_patch(self, round_id: str, dest_path: str | os.PathLike[str],
+                       max_bytes: int = MAX_PATCH_BYTES) -> DownloadedPatch:
+        """Stream the patch to a temp file beside ``dest_path`` (a name the device chose, never
+        one from the cloud), refusing more than ``max_bytes``; verify its SHA-256 against the
         cloud's header, fsync, then rename: ``dest_path`` is either absent or the whole patch."""
+        _checked(_ROUND_ID, round_id, "round id")
         dest = Path(dest_path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with self._send("GET", f"/v1/rounds/{round_id}/patch", stream=True) as response:
             expected = response.headers.get("x-patch-sha256", "").lower()
-            if not expected:
-                raise CloudError(f"cloud sent the patch of round {round_id} without X-Patch-SHA256")
-            tmp, digest, size = self._stream_to_temp(response, dest)
+            if not _SHA256.match(expected):
+                raise CloudError(f"cloud sent the patch of round {round_id} without a valid "
+                                 "X-Patch-SHA256")
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise CloudError(f"patch of round {round_id} is {int(declared)} bytes, over the "
+                                 f"{max_bytes}-byte limit: refusing it")
+            signature = response.headers.get(SIGNATURE_HEADER.lower())
+            tmp, digest, size = self._stream_to_temp(response, dest, max_bytes)
         try:
             if digest != expected:
                 raise CloudError(f"patch of round {round_id} is corrupt: sha256 {digest[:12]}... "
@@ -345,10 +423,11 @@ class CloudClient:
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(dest.parent)
-        return DownloadedPatch(dest, digest, size)
+        return DownloadedPatch(dest, digest, size, signature)
 
     @staticmethod
-    def _stream_to_temp(response: httpx.Response, dest: Path) -> tuple[Path, str, int]:
+    def _stream_to_temp(response: httpx.Response, dest: Path,
+                        max_bytes: int = MAX_PATCH_BYTES) -> tuple[Path, str, int]:
         fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         tmp = Path(name)
         h = hashlib.sha256()
@@ -356,9 +435,12 @@ class CloudClient:
         try:
             with os.fdopen(fd, "wb") as f:
                 for chunk in response.iter_bytes(1 << 16):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise CloudError(f"patch download of {dest.name} passed the {max_bytes}-byte "
+                                         "limit: refusing it")
                     f.write(chunk)
                     h.update(chunk)
-                    size += len(chunk)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException as exc:

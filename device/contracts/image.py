@@ -7,6 +7,8 @@ pixels.  Errors are one line naming the file.
 from __future__ import annotations
 
 import io
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +42,46 @@ def decode_image(data: bytes, image_size: int, name: str = "<bytes>") -> np.ndar
 
 
 def read_image_bytes(path: str | Path) -> bytes:
+    """Bytes of a *regular* file, at most MAX_IMAGE_BYTES.  A path can name a FIFO (open would
+    block forever), a device (``/dev/zero`` never ends) or a symlink to either, so: open with
+    O_NONBLOCK, check the opened file itself with fstat (no race with a swapped path), check the
+    size, then read at most the cap plus one byte (a file growing under us is still capped)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise ImageError(f"{path}: image is {size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB limit")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
         raise ImageError(f"{path}: no such image file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory, not an image") from None
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot open ({e.strerror or type(e).__name__})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError(f"{path}: is a directory, not an image")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{path}: is a {_kind(st.st_mode)}, not a regular image file")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise ImageError(f"{path}: image is {st.st_size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB limit")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"{path}: image grew over the {MAX_IMAGE_BYTES >> 20} MiB limit while being read")
+    return data
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def load_image(path: str | Path, image_size: int) -> np.ndarray:

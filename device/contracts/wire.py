@@ -11,8 +11,18 @@ from typing import Any, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
+# Every id that crosses the wire has a strict pattern: none may carry '/', '.', or anything a
+# path, a URL or a shell could read as structure.  The device still never builds a path from one.
 SAMPLE_ID_PATTERN = r"^[0-9a-f]{16,64}$"
+ROUND_ID_PATTERN = r"^[0-9a-f]{8,32}$"  # the cloud's secrets.token_hex(8); column String(32)
+MODEL_ID_PATTERN = r"^[0-9a-f]{16,64}$"  # device.contracts.model_id (content hash)
+BASE_MODEL_PATTERN = r"^[0-9A-Za-z_-]{1,128}$"  # a model id in practice; tests use short names
+DEVICE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # == cloud.store's
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MAX_TEXT = 4096
+# A round that the cloud lost to its own restart starts its message with this; the device then
+# starts a fresh round by itself (the samples of an unfinished round were never consumed).
+ROUND_INTERRUPTED = "interrupted"
 
 
 class _Strict(BaseModel):
@@ -42,7 +52,7 @@ class UplinkSample(_Strict):
     """One uncertain sample selected on the device by UTS."""
 
     sample_id: str = Field(pattern=SAMPLE_ID_PATTERN, description="stable content id: re-sends are idempotent")
-    base_model: str = Field(max_length=128, description="content hash of the device model the answer came from")
+    base_model: str = Field(pattern=BASE_MODEL_PATTERN, description="content hash of the device model the answer came from")
     prompt: str = Field(max_length=MAX_TEXT)
     answer: str = Field(max_length=MAX_TEXT)
     answer_token_ids: list[int] = Field(default_factory=list)
@@ -93,24 +103,24 @@ class RoundOptions(_Strict):
 
 
 class RoundRequest(_Strict):
-    base_model: str = Field(min_length=1, max_length=128, description="content hash of the device model")
+    base_model: str = Field(pattern=BASE_MODEL_PATTERN, description="content hash of the device model")
     options: RoundOptions = Field(default_factory=RoundOptions)
 
 
 class RoundStatus(_Strict):
-    round_id: str
+    round_id: str = Field(pattern=ROUND_ID_PATTERN)
     state: RoundState
-    stage: str = ""
+    stage: str = Field("", max_length=64)
     progress: float = Field(0.0, ge=0.0, le=1.0)
-    message: str = ""
-    base_model: str = ""
+    message: str = Field("", max_length=MAX_TEXT)
+    base_model: str = Field("", pattern=r"^$|" + BASE_MODEL_PATTERN)
     n_samples: int = Field(0, ge=0, description="samples the round learns from (known once running)")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
-    patch_bytes: int | None = None
-    patch_sha256: str | None = None
+    patch_bytes: int | None = Field(None, ge=0)
+    patch_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
 
     @property
     def finished(self) -> bool:
@@ -120,7 +130,7 @@ class RoundStatus(_Strict):
 class DeviceInfo(_Strict):
     """What the cloud knows about the caller: lets a device check its token in one request."""
 
-    name: str
+    name: str = Field(pattern=DEVICE_NAME_PATTERN)
     created_at: datetime
     samples: SampleCounts
 
@@ -132,11 +142,12 @@ class Health(_Strict):
     version: str
     max_upload_bytes: int
     max_upload_samples: int = MAX_UPLOAD_SAMPLES
+    signing_key: str | None = Field(None, pattern=r"^[A-Za-z0-9+/]{43}=$",
+                                    description="Ed25519 public key (base64) that signs patches")
 
 
 # --- device models held by the cloud (content-addressed, see device.contracts.model_id) -------
 
-MODEL_ID_PATTERN = r"^[0-9a-f]{16,64}$"
 ModelRole = Literal["model", "mmproj"]  # == device.contracts.model_id.ROLES
 
 

@@ -196,7 +196,7 @@ def test_rejections_are_clear_and_not_retried(app, token: str) -> None:
             client.sample_counts()
     with fast_client("http://cloud", token, transport=proxy_transport(app, count)) as client:
         with pytest.raises(CloudError, match=r"\(404\): no round"):
-            client.round_status("0123")
+            client.round_status("0123456789abcdef")
         with pytest.raises(CloudError, match=r"\(409\): no unused samples"):
             client.start_round(RoundRequest(base_model="m0"))
 
@@ -229,7 +229,7 @@ def test_start_round_is_not_retried_after_it_may_have_run(token: str) -> None:
             client.start_round(RoundRequest(base_model="m0"))
         assert len(calls) == 1
         with pytest.raises(CloudUnavailable, match="after 4 tries: HTTP 500: boom"):
-            client.round_status("ab")  # a read is retried, then gives up
+            client.round_status("abababab")  # a read is retried, then gives up
         assert len(calls) == 5
 
 
@@ -266,7 +266,7 @@ def test_corrupt_patch_is_rejected_and_not_installed(tmp_path: Path) -> None:
     dest = tmp_path / "patch.gguf"
     with fast_client("http://cloud", "t", transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(CloudError, match="corrupt"):
-            client.download_patch("r1", dest)
+            client.download_patch("00000000000000a1", dest)
     assert list(tmp_path.iterdir()) == []  # no dest, no temp file
 
 
