@@ -136,3 +136,19 @@ def test_sigkill_never_corrupts_or_loses_a_committed_row(tmp_path):
         assert set(committed) <= with_rows
         q.reset_sent_to_pending()
         assert q.stats().pending == len(with_rows)
+
+
+def test_queue_files_are_private(tmp_path: Path) -> None:
+    """The queue holds the user's images and prompts: 0600 files in a 0700 folder, and an old
+    0644 database is tightened on the next open (issue 11, item 9)."""
+    import stat
+
+    folder = tmp_path / "device"
+    with Queue(folder / "queue.sqlite") as q:
+        q.add(sample(1))
+        names = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert names and all(m == 0o600 for n, m in names.items() if n.startswith("queue.sqlite")), names
+    (folder / "queue.sqlite").chmod(0o644)
+    Queue(folder / "queue.sqlite").close()
+    assert stat.S_IMODE((folder / "queue.sqlite").stat().st_mode) == 0o600
