@@ -19,8 +19,14 @@ def shaded(pieces: list[str], entropies: list[float]) -> Text:
     return t
 
 
-def legend() -> Text:
-    t = Text("entropy: ")
+def legend(compact: bool = False) -> Text:
+    """The colour key; ``compact`` (23 cells) fits the TUI's input column at 80 columns."""
+    if compact:
+        t = Text("entropy ", no_wrap=True)
+        for h, label in ((0.0, "0"), (0.5, ".5"), (1.0, "1"), (1.5, "1.5+")):
+            t.append(f"■{label} ", style=entropy_colour(h))
+        return t
+    t = Text("entropy (nats): ")
     for h in (0.0, 0.5, 1.0, 1.5):
         t.append(f"■ {h:.1f} ", style=entropy_colour(h))
     return t

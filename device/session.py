@@ -17,6 +17,34 @@ from device.uncertainty import TokenUncertainty, UncertaintyRecorder
 from device.uts import ChatRecord, SampleGate, UTSConfig, UTSDecision, select
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def looks_like_path(text: str) -> bool:
+    """A question that is one word ending in an image suffix (or naming an existing file) was
+    almost surely meant for the image field; answering it would waste a turn and queue garbage."""
+    t = text.strip().strip("'\"")
+    if not t or any(c.isspace() for c in t):
+        return False
+    return t.lower().endswith(IMAGE_SUFFIXES) or ("/" in t and Path(t).expanduser().is_file())
+
+
+def check_question(question: str, has_vision: bool, has_image: bool) -> str:
+    """Refuse, in one line and before any work, what a vision model cannot answer well: an empty
+    question, an image path typed as the question, or a question without its image (the model
+    would answer from the words alone and UTS would queue that answer for the cloud)."""
+    q = question.strip()
+    if not q:
+        raise ValueError("empty question")
+    if looks_like_path(q):
+        raise ValueError(f"{q!r} looks like an image path, not a question: give it as the image "
+                         "(--image PATH, /image PATH, or the image field)")
+    if has_vision and not has_image:
+        raise ValueError("this model answers questions about an image: give one first "
+                         "(--image PATH, /image PATH, or the image field)")
+    return q
+
+
 @dataclass
 class Turn:
     question: str
@@ -27,6 +55,8 @@ class Turn:
     queued: bool
     generation: Generation
     image_path: Path | None = None
+    duplicate: bool = False  # UTS kept it, but the queue already held this image + question
+    truncated: bool = False  # the answer hit max_tokens before the model ended it
 
     @property
     def mean_entropy(self) -> float:
@@ -65,15 +95,13 @@ class ChatSession:
     def ask(self, question: str, image: str | Path | None = None,
             on_token: Callable[[str, TokenUncertainty], None] | None = None,
             image_data: tuple[bytes, np.ndarray] | None = None) -> Turn:
-        question = question.strip()
-        if not question:
-            raise ValueError("empty question")
+        question = check_question(question, self.runtime.has_vision, image is not None or image_data is not None)
         img_bytes, rgb = image_data if image_data is not None else (self.load_image(image) if image else (None, None))
         rec = UncertaintyRecorder()
         cb = (lambda tok, piece: on_token(piece, rec.tokens[-1])) if on_token else None
         gen = self.runtime.generate(question, rgb, self.max_tokens, logits_hook=rec, on_token=cb)
         toks = list(rec.tokens)
-        decision, queued = None, False
+        decision, queued, duplicate = None, False, False
         if self.queue is not None:
             chat = ChatRecord(question, gen.text, gen.token_ids, toks, self.runtime.n_vocab, self.model.id,
                               img_bytes, rgb, self.runtime.patch_size if rgb is not None else 8,
@@ -82,9 +110,14 @@ class ChatSession:
             ood = decision.ood_score if (self.model.stats is not None and gen.visual_embeddings is not None) else None
             self.queue.note_seen(decision.raw_bytes, decision.entropy, ood)
             if decision.kept and decision.sample is not None:
-                self.queue.add(decision.sample, decision.shipped_bytes)
-                queued = True
-        return Turn(question, gen.text, gen.pieces, toks, decision, queued, gen, Path(image) if image else None)
+                # INSERT OR IGNORE: False when this image + question is already in the queue
+                queued = self.queue.add(decision.sample, decision.shipped_bytes)
+                duplicate = not queued
+        truncated = getattr(gen, "truncated", None)
+        if truncated is None:  # runtimes without the flag: a full-length answer counts as cut off
+            truncated = len(gen.token_ids) >= self.max_tokens
+        return Turn(question, gen.text, gen.pieces, toks, decision, queued, gen, Path(image) if image else None,
+                    duplicate, bool(truncated))
 
     def reload(self, model: DeviceModel) -> float:
         self.model = model

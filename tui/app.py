@@ -8,6 +8,7 @@ The cloud is reached only through ``device.uplink.CloudClient`` (inside the back
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,14 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import Footer, Input, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
 
 from tui.backend import Backend
 from tui.screens import ConfirmScreen, HelpScreen
 from tui.state import CloudView, TuiState, one_line
 from tui.widgets.chat import ChatPane
 from tui.widgets.downlink import DownlinkPanel
-from tui.widgets.plots import AccuracyPlot, EntropyHistogram
+from tui.widgets.plots import AccuracyPanel, EntropyHistogram
 from tui.widgets.rounds import RoundPanel
 from tui.widgets.uplink import UplinkPanel
 
@@ -46,14 +47,17 @@ class CdccaApp(App[None]):
     AUTO_FOCUS = None  # the question field gets focus once, at start (not after every dialog)
     # taller terminals get the image at full size (32x32 pixels = 32x16 cells)
     VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
+    # Every action is on a function key or ctrl+q: no letter typed into a question can reach one,
+    # even with the focus outside the inputs (Tab cycles between the two inputs only).  The tab
+    # digits and "i" only move the view, and only fire when no input has the focus.
     BINDINGS = [
-        Binding("s", "sync", "Sync"),
-        Binding("u", "upload", "Upload"),
-        Binding("c", "cancel_round", "Cancel"),
-        Binding("r", "rollback", "Rollback"),
-        Binding("d", "toggle_dark", "Theme"),
-        Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("q", "quit", "Quit"),
+        Binding("f5", "sync", "Sync"),
+        Binding("f2", "upload", "Upload"),
+        Binding("f6", "cancel_round", "Cancel"),
+        Binding("f9", "switch_version", "Versions"),
+        Binding("f10", "toggle_dark", "Theme"),
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+q", "quit", "Quit"),
         Binding("1", "tab('chat')", "Chat tab", show=False),
         Binding("2", "tab('rounds')", "Rounds tab", show=False),
         Binding("3", "tab('plots')", "Plots tab", show=False),
@@ -61,12 +65,13 @@ class CdccaApp(App[None]):
     ]
 
     def __init__(self, backend: Backend, image: str | Path | None = None,
-                 health_interval: float | None = 15.0) -> None:
+                 health_interval: float | None = 15.0, watch_interval: float | None = 1.0) -> None:
         super().__init__()
         self.backend = backend
         self.state = TuiState(cloud=CloudView(url=backend.cloud_url))
         self._image = str(image) if image else None
         self._health_interval = health_interval
+        self._watch_interval = watch_interval
         self._cancel: threading.Event | None = None
         self._bindings_key: tuple = ()
 
@@ -77,7 +82,7 @@ class CdccaApp(App[None]):
         self.uplink_panel = UplinkPanel(id="uplink")
         self.round_panel = RoundPanel(id="round")
         self.downlink_panel = DownlinkPanel(id="downlink")
-        self.accuracy_plot = AccuracyPlot(id="accuracy")
+        self.accuracy_plot = AccuracyPanel(id="accuracy")
         self.entropy_plot = EntropyHistogram(id="entropy")
         with TabbedContent(initial=TABS["chat"]) as self.tabs:
             with TabPane("Chat", id=TABS["chat"]):
@@ -113,6 +118,8 @@ class CdccaApp(App[None]):
         self.check_cloud()
         if self._health_interval:
             self.set_interval(self._health_interval, self.check_cloud)
+        if self._watch_interval:
+            self.set_interval(self._watch_interval, self.watch_current)
 
     def on_unmount(self) -> None:
         if self._cancel is not None:
@@ -122,7 +129,7 @@ class CdccaApp(App[None]):
     def render_panels(self) -> None:
         self.uplink_panel.show(self.state.uplink)
         self.round_panel.show(self.state.round, self.state.cloud)
-        key = (self.state.round.running, self.state.round.cancelling, self.state.can_rollback)
+        key = (self.state.round.running, self.state.round.cancelling, len(self.state.versions))
         if key != self._bindings_key:  # the footer greys out keys that do nothing now
             self._bindings_key = key
             self.refresh_bindings()
@@ -140,8 +147,8 @@ class CdccaApp(App[None]):
             return None if running else True
         if action == "cancel_round":
             return True if running and not self.state.round.cancelling else None
-        if action == "rollback":
-            return None if running or not self.state.can_rollback else True
+        if action == "switch_version":
+            return None if running or len(self.state.versions) < 2 else True
         return True
 
     # --- model and device data ------------------------------------------------------------
@@ -173,14 +180,16 @@ class CdccaApp(App[None]):
         try:
             stats = self.backend.queue_stats()
             versions, current = self.backend.versions()
+            sizes = self.backend.patch_sizes()
         except Exception as e:
             self._ui(self.notify, one_line(e), title="device", severity="error")
             return
-        self._ui(self._device_refreshed, stats, versions, current)
+        self._ui(self._device_refreshed, stats, versions, current, sizes)
 
-    def _device_refreshed(self, stats: Any, versions: list[Any], current: str | None) -> None:
+    def _device_refreshed(self, stats: Any, versions: list[Any], current: str | None,
+                          sizes: dict[str, int] | None = None) -> None:
         self.state.set_queue(stats)
-        self.state.set_versions(versions, current)
+        self.state.set_versions(versions, current, sizes)
         self.chat.set_model(self.state.model_label)
         self.render_panels()
         self.render_rounds()
@@ -255,6 +264,25 @@ class CdccaApp(App[None]):
         self.chat.set_status("kept for the uplink" if t.kept else "ready")
         self.render_plots()
 
+    # --- another face (cdcca sync, cdcca versions) may switch the model under us ------------
+    @work(thread=True, exclusive=True, group="watch")
+    def watch_current(self) -> None:
+        """(timer) read the store's CURRENT; on a change, reload the chat model and redraw."""
+        try:
+            on_disk = self.backend.disk_version()
+        except Exception:
+            return
+        if self.state.round.running or not self.state.version_changed(on_disk):
+            return
+        try:
+            now = self.backend.follow_disk()
+        except Exception as e:
+            self._ui(self.notify, one_line(e), title="device model", severity="error")
+            return
+        self._ui(self.notify, f"the device model changed on disk: now {now or on_disk} (reloaded)",
+                 title="device model")
+        self._refresh_device()
+
     def _turn_failed(self, error: BaseException) -> None:
         self.chat.transcript.update_last(self.state.fail_turn(error))
         self.chat.set_status("ready")
@@ -275,10 +303,10 @@ class CdccaApp(App[None]):
         except Exception as e:
             self._ui(self._cloud_down, e)
         else:
-            self._ui(self._cloud_up, health.version)
+            self._ui(self._cloud_up, health)
 
-    def _cloud_up(self, version: str) -> None:
-        self.state.cloud_up(version)
+    def _cloud_up(self, check: Any) -> None:
+        self.state.cloud_up(check.version, check.token_ok)
         self.render_panels()
 
     def _cloud_down(self, error: BaseException) -> None:
@@ -328,13 +356,17 @@ class CdccaApp(App[None]):
     @work(thread=True, exclusive=True, group="round")
     def run_round(self, cancel: threading.Event) -> None:
         def on_stage(name: str, fraction: float, message: str) -> None:
-            self._ui(self._stage, name, fraction, message)
+            self._ui(self._stage, name, fraction, message, time.monotonic())
 
         try:
-            self.backend.health()  # fail fast (and say so) when the cloud is down
+            check = self.backend.health()  # fail fast (and say so) when the cloud is down
         except Exception as e:
             self._ui(self._cloud_down, e)
             self._ui(self._round_failed, e)
+            return
+        self._ui(self._cloud_up, check)
+        if check.token_ok is False:
+            self._ui(self._round_failed, "the cloud rejected this device's token; check CDCCA_DEVICE_TOKEN")
             return
         try:
             if cancel.is_set():
@@ -348,15 +380,27 @@ class CdccaApp(App[None]):
             self._ui(self._round_done, report)
         self._refresh_device()
 
-    def _stage(self, name: str, fraction: float, message: str) -> None:
-        self.state.on_stage(name, fraction, message)
+    def _stage(self, name: str, fraction: float, message: str, now: float | None = None) -> None:
+        self.state.on_stage(name, fraction, message, now)
         self.render_panels()
+        if name == "upload" and fraction >= 1.0:
+            self._refresh_queue()
+
+    @work(thread=True, group="queue")
+    def _refresh_queue(self) -> None:
+        try:
+            stats = self.backend.queue_stats()
+        except Exception:
+            return
+        self._ui(self._queue_changed, stats)
 
     def _round_done(self, report: Any) -> None:
         self.state.round_done(report)
         self.render_panels()
         self.render_rounds()
         self.render_plots()
+        if self.state.round.warning:
+            self.notify(self.state.round.warning, title="accuracy fell", severity="warning", timeout=20)
 
     def _round_failed(self, error: BaseException) -> None:
         self.state.round_failed(error)
@@ -372,27 +416,63 @@ class CdccaApp(App[None]):
             self.render_panels()
 
     # --- versions -------------------------------------------------------------------------
-    def action_rollback(self) -> None:
-        if not self.state.can_rollback or self.state.round.running:
-            self.notify("nothing to roll back to", title="rollback", severity="warning")
+    def _selected_version(self) -> str | None:
+        """The version row highlighted in the history table (on the Rounds tab), if any."""
+        if self.tabs.active != TABS["rounds"]:
+            return None
+        table = self.query_one("#versions-table", DataTable)
+        if not table.row_count:
+            return None
+        try:
+            return str(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value)
+        except Exception:
+            return None
+
+    def action_switch_version(self) -> None:
+        """F9: roll back to the parent, or (Rounds tab) switch to the highlighted version.  The
+        versions are read from disk first, so the dialog names the ones it will really act on."""
+        if self.state.round.running:
+            self.notify("a round is running", title="versions", severity="warning")
             return
+        self.ask_switch(self._selected_version())
+
+    @work(thread=True, exclusive=True, group="versions")
+    def ask_switch(self, target: str | None) -> None:
+        try:
+            self.backend.follow_disk()
+            versions, current = self.backend.versions()
+            sizes = self.backend.patch_sizes()
+        except Exception as e:
+            self._ui(self.notify, one_line(e), title="versions", severity="error")
+            return
+        self._ui(self._confirm_switch, versions, current, sizes, target)
+
+    def _confirm_switch(self, versions: list[Any], current: str | None, sizes: dict[str, int],
+                        target: str | None) -> None:
+        self.state.set_versions(versions, current, sizes)
+        self.chat.set_model(self.state.model_label)
+        self.render_rounds()
+        q = self.state.switch_question(target)
+        if q is None:
+            self.notify("nothing to switch to (highlight a version on the Rounds tab)", title="versions",
+                        severity="warning")
+            return
+        cur, dest, question = q
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.rollback()
+                self.switch(dest, cur)
 
-        cur = self.state.current_version
-        parent = next(v.parent for v in self.state.versions if v.id == cur)
-        self.push_screen(ConfirmScreen(f"Roll the device model back from {cur} to {parent}?"), answered)
+        self.push_screen(ConfirmScreen(question), answered)
 
     @work(thread=True, exclusive=True, group="versions")
-    def rollback(self) -> None:
+    def switch(self, target: str, expected_current: str) -> None:
         try:
-            version = self.backend.rollback()
+            version = self.backend.switch(target, expected_current)
         except Exception as e:
-            self._ui(self.notify, one_line(e), title="rollback", severity="error")
+            self._ui(self.notify, one_line(e), title="versions", severity="error")
         else:
-            self._ui(self.notify, f"now on {version.id}", title="rollback")
+            self._ui(self.notify, f"now on {version.id}", title="versions")
         self._refresh_device()
 
     # --- screens and tabs -----------------------------------------------------------------

@@ -8,6 +8,7 @@ rollback) holds one lock.  Tests substitute a scripted backend with the same met
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -20,6 +21,15 @@ OnToken = Callable[[str, Any], None]  # (piece, TokenUncertainty)
 OnStage = Callable[[str, float, str], None]
 
 
+@dataclass
+class CloudCheck:
+    """The cloud answered; ``token_ok`` says whether it accepted this device's token (None: no
+    token to try).  /health is unauthenticated, so "online" alone proves nothing about the token."""
+
+    version: str
+    token_ok: bool | None
+
+
 class Backend(Protocol):
     cloud_url: str
 
@@ -28,11 +38,14 @@ class Backend(Protocol):
     def ask(self, question: str, image: str | Path | None, image_data: ImageData | None,
             on_token: OnToken) -> Any: ...
     def queue_stats(self) -> Any: ...
-    def health(self) -> Any: ...
+    def health(self) -> CloudCheck: ...
     def upload(self) -> Any: ...
     def sync(self, on_stage: OnStage, cancel: threading.Event) -> Any: ...
     def versions(self) -> tuple[list[Any], str | None]: ...
-    def rollback(self) -> Any: ...
+    def patch_sizes(self) -> dict[str, int]: ...
+    def disk_version(self) -> str | None: ...  # the store's CURRENT, read cheaply
+    def follow_disk(self) -> str | None: ...  # reload if CURRENT moved; the new version or None
+    def switch(self, target: str, expected_current: str) -> Any: ...
     def close(self) -> None: ...
 
 
@@ -53,7 +66,7 @@ class DeviceBackend:
 
     @property
     def queue_path(self) -> Path:
-        return self.settings.device_dir / "queue.sqlite"
+        return self.settings.queue_path
 
     def _client(self, **kw: Any):
         from device.uplink import CloudClient
@@ -95,7 +108,33 @@ class DeviceBackend:
     def ask(self, question: str, image: str | Path | None, image_data: ImageData | None,
             on_token: OnToken) -> Any:
         with self._lock:
-            return self._need_session().ask(question, image=image, image_data=image_data, on_token=on_token)
+            session = self._need_session()
+            self._follow_locked()  # never answer with weights another face has replaced
+            return session.ask(question, image=image, image_data=image_data, on_token=on_token)
+
+    # --- the store's CURRENT, shared with every other face ----------------------------------
+    def _store(self) -> Any:
+        from device.models import store_for
+
+        return store_for(self.settings, self.quant or self.settings.device_quant)
+
+    def disk_version(self) -> str | None:
+        store = self._store()
+        return store.current().id if store.installed() else None
+
+    def _follow_locked(self) -> str | None:
+        if self._session is None or self._session.model.store is None:
+            return None
+        on_disk = self.disk_version()
+        if on_disk is None or on_disk == self._session.model.version:
+            return None
+        self._session.reload(self._model())
+        return on_disk
+
+    def follow_disk(self) -> str | None:
+        """Reload the chat model if another process switched CURRENT; returns the new version."""
+        with self._lock:
+            return self._follow_locked()
 
     def reload(self, model: Any) -> float:
         """Swap the live chat model (after a patch or a rollback); waits for a running answer."""
@@ -119,9 +158,20 @@ class DeviceBackend:
         with Queue(self.queue_path) as q:
             return q.stats()
 
-    def health(self) -> Any:
+    def health(self) -> CloudCheck:
+        from device.uplink import CloudError
+
         with self._client(timeout=self._health_timeout, retries=0) as c:
-            return c.health()
+            version = c.health().version
+            if not self.settings.device_token:
+                return CloudCheck(version, None)
+            try:
+                c.me()  # authenticated: proves the token, not just the socket
+            except CloudError as e:
+                if e.status in (401, 403):
+                    return CloudCheck(version, False)
+                raise
+            return CloudCheck(version, True)
 
     def upload(self) -> Any:
         from device.queue import Queue
@@ -150,11 +200,22 @@ class DeviceBackend:
             return [], None
         return store.list(), store.current().id
 
-    def rollback(self) -> Any:
+    def patch_sizes(self) -> dict[str, int]:
+        """Version id -> bytes of the patch file that made it (the downlink figure of its round)."""
+        from device.history import patch_file_sizes
+
+        store = self._store()
+        return patch_file_sizes(self.settings, store.list()) if store.installed() else {}
+
+    def switch(self, target: str, expected_current: str) -> Any:
+        """Make ``target`` current, but only if ``expected_current`` (what the dialog named) still
+        is: another face may have moved CURRENT while the dialog was open."""
+        from device.history import switch_version
+
         model = self._model()
         if model.store is None:
-            raise ValueError("this model was given as files; it has no versions to roll back")
-        version = model.store.rollback()
+            raise ValueError("this model was given as files; it has no versions to switch between")
+        version = switch_version(model.store, target, expected_current)
         self.reload(self._model())
         return version
 

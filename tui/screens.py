@@ -14,18 +14,20 @@ from cdcca_cli.render import legend
 ABOUT = ("Ask the device model about an image. Every answer token is shaded by its entropy; "
          "▲ marks a sample UTS kept for the uplink. A round uploads the queue, lets the cloud "
          "distil its teacher into the device model and applies the small patch it sends back. "
-         "Type in the inputs; press Esc to leave them and use the keys.")
+         "Actions are on function keys, so nothing you type can trigger one.")
 
 KEYS = [("Enter", "in the image field: preview it; in the question field: ask"),
-        ("Esc / i", "leave the inputs (to use the keys) / back to the question"),
-        ("s", "sync: run one cloud round (upload, distil, compress, download, apply, evaluate)"),
-        ("c", "cancel the running round"),
-        ("u", "upload the queue now"),
-        ("r", "roll the device model back to its parent version (asks first)"),
-        ("1 2 3", "tabs: chat, rounds (downlink + versions), plots"),
-        ("d", "dark / light theme"),
-        ("?", "this help"),
-        ("q", "quit")]
+        ("Tab", "the other input (Tab never leaves the inputs)"),
+        ("Esc / i", "leave the inputs (for 1 2 3) / back to the question"),
+        ("F5", "sync: one cloud round (check, measure, upload, distil, compress, download, apply, evaluate)"),
+        ("F6", "cancel the running round"),
+        ("F2", "upload the queue now"),
+        ("F9", "versions: roll back to the parent, or on the Rounds tab switch to the highlighted "
+               "version (asks first; Tab to Yes, then Enter)"),
+        ("1 2 3", "tabs: chat, rounds (downlink + versions), plots (outside the inputs)"),
+        ("F10", "dark / light theme"),
+        ("F1", "this help"),
+        ("ctrl+q", "quit")]
 
 
 def help_table(bindings: list[tuple[str, str]]) -> Table:
@@ -38,7 +40,7 @@ def help_table(bindings: list[tuple[str, str]]) -> Table:
 
 
 class HelpScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
+    BINDINGS = [Binding("escape,f1", "dismiss", "Close")]
 
     def __init__(self, keys: list[tuple[str, str]] = KEYS) -> None:
         super().__init__()
@@ -57,7 +59,12 @@ class HelpScreen(ModalScreen[None]):
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
+    """A yes/no question no typed letter can answer: "No" has the focus, Esc says no, and "Yes"
+    takes a deliberate Tab (or arrow) + Enter, or a click.  Text typed by mistake while the dialog
+    opens (the "y" of "yellow") changes nothing."""
+
+    BINDINGS = [Binding("escape", "answer(False)", "No"),
+                Binding("left,right", "app.focus_previous", "Other button", show=False)]
 
     def __init__(self, question: str) -> None:
         super().__init__()
@@ -66,9 +73,13 @@ class ConfirmScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm-box"):
             yield Static(self._question, id="confirm-question")
+            yield Static(Text("Tab to Yes, then Enter · Esc: no", style="dim"), id="confirm-hint")
             with Horizontal(id="confirm-buttons"):
-                yield Button("Yes (y)", variant="error", id="yes")
-                yield Button("No (n)", variant="primary", id="no")
+                yield Button("Yes", variant="error", id="yes")
+                yield Button("No", variant="primary", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")

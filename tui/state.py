@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from device.sync import STAGES
+from device.contracts.round_metrics import STAGES, Accuracy, accuracy_drop
 
 RECENT_TURNS = 20  # the uncertainty histogram covers this many recent chats
 HIST_MAX = 3.0  # nats; the histogram's last bin also holds everything above
@@ -60,6 +60,7 @@ class ChatTurn:
     reason: str = ""
     shipped_bytes: int = 0
     raw_bytes: int = 0
+    truncated: bool = False  # the answer stopped at max tokens, not because the model ended it
     error: str | None = None
 
     @property
@@ -90,6 +91,7 @@ class UplinkView:
 class CloudView:
     url: str = ""
     online: bool | None = None  # None: not checked yet
+    token_ok: bool | None = None  # None: not checked (no token, or the cloud is down)
     message: str = "not checked yet"
 
 
@@ -99,6 +101,14 @@ class StageRow:
     name: str
     status: str = "pending"  # pending | running | done | failed | cancelled
     fraction: float = 0.0
+    started: float | None = None  # the caller's clock (the state itself reads none)
+    elapsed: float = 0.0
+
+    def eta(self) -> float | None:
+        """Seconds left at the current rate; None until there is a rate to go by."""
+        if self.status != "running" or self.fraction <= 0.02 or self.elapsed < 0.5:
+            return None
+        return self.elapsed * (1.0 - self.fraction) / self.fraction
 
 
 def _fresh_stages() -> list[StageRow]:
@@ -110,8 +120,9 @@ class RoundProgress:
     running: bool = False
     cancelling: bool = False
     outcome: str = ""  # "" | done | failed | cancelled
-    message: str = "press s to run a round"
+    message: str = "F5 runs a round"
     error: str | None = None
+    warning: str | None = None  # e.g. the round lowered the device's accuracy
     stages: list[StageRow] = field(default_factory=_fresh_stages)
 
     def stage(self, name: str) -> StageRow:
@@ -123,6 +134,7 @@ class RoundRow:
     """One finished round as the downlink panel lists it."""
 
     round_id: str
+    samples_learned: int
     uploaded: int
     uplink_bytes: int
     uplink_ratio: float
@@ -141,21 +153,24 @@ class RoundRow:
     domains_after: dict[str, float]
 
 
-def _vqa(acc: dict | None) -> tuple[float | None, dict[str, float]]:
+def as_accuracy(acc: Any) -> Accuracy | None:
+    """``device.evaluate``'s result (a dict) or an ``Accuracy``, as the typed contract."""
     if not acc:
-        return None, {}
-    doms = {d: float(v["vqa"]) for d, v in (acc.get("domains") or {}).items()
-            if isinstance(v, dict) and v.get("vqa") is not None and not math.isnan(float(v["vqa"]))}
-    overall = acc.get("vqa")
-    overall = None if overall is None or math.isnan(float(overall)) else float(overall)
-    return overall, doms
+        return None
+    return acc if isinstance(acc, Accuracy) else Accuracy.model_validate(acc)
+
+
+def _vqa(acc: Any) -> tuple[float | None, dict[str, float]]:
+    a = as_accuracy(acc)
+    return (None, {}) if a is None else (a.overall, a.vqa_by_domain())
 
 
 def round_row(report: Any) -> RoundRow:
     """From a ``device.sync.SyncReport`` (duck-typed: only its fields are read)."""
     vb, db = _vqa(report.accuracy_before)
     va, da = _vqa(report.accuracy_after)
-    return RoundRow(report.round_id, report.uploaded, report.uplink_bytes, report.uplink_ratio,
+    learned = getattr(report, "samples_learned", 0) or report.uploaded
+    return RoundRow(report.round_id, learned, report.uploaded, report.uplink_bytes, report.uplink_ratio,
                     report.downlink_bytes, report.downlink_ratio, report.full_gguf_bytes,
                     report.full_fp16_delta_bytes, report.tensors_patched, report.apply_seconds,
                     report.reload_seconds, report.version_before, report.version_after, vb, va, db, da)
@@ -166,7 +181,7 @@ class VersionRow:
     id: str
     parent: str | None
     round_id: str
-    patch_bytes: int
+    patch_bytes: int  # the patch file's size (the same figure the round reported as downlink)
     created: str
     current: bool
 
@@ -215,8 +230,12 @@ class TuiState:
         t.entropies = [float(x.entropy) for x in turn.tokens[: len(turn.pieces)]]
         d = turn.decision
         if d is not None:
+            # what the queue did, not what UTS wanted: a repeat of a queued sample is not "kept"
             t.kept, t.reason = bool(turn.queued), d.reason
+            if getattr(turn, "duplicate", False):
+                t.reason = "already queued or uploaded (same image and question)"
             t.shipped_bytes, t.raw_bytes = int(d.shipped_bytes), int(d.raw_bytes)
+        t.truncated = bool(getattr(turn, "truncated", False))
         t.done, self.chat_busy = True, False
         return t
 
@@ -248,18 +267,23 @@ class TuiState:
         self.uplink.last_upload = "failed: " + short_error(error)
         self.uplink.last_ok, self.uplink.busy = False, False
 
-    def cloud_up(self, version: str) -> None:
-        self.cloud.online, self.cloud.message = True, f"online (v{version})"
+    def cloud_up(self, version: str, token_ok: bool | None = None) -> None:
+        """``token_ok``: the device's own token was tried on an authenticated endpoint."""
+        c = self.cloud
+        c.online, c.token_ok = True, token_ok
+        c.message = "token rejected" if token_ok is False else (
+            f"online (v{version})" if token_ok else f"online (v{version}), no token set")
 
     def cloud_down(self, error: BaseException | str) -> None:
-        self.cloud.online, self.cloud.message = False, one_line(error)
+        self.cloud.online, self.cloud.token_ok, self.cloud.message = False, None, one_line(error)
 
     # the round
     def round_started(self) -> None:
-        self.round = RoundProgress(running=True, message="measuring the current model first...")
+        self.round = RoundProgress(running=True, message="checking the token and the queue...")
 
-    def on_stage(self, name: str, fraction: float, message: str) -> None:
-        """``run_sync``'s stage callback; an unknown cloud stage name counts as distillation."""
+    def on_stage(self, name: str, fraction: float, message: str, now: float | None = None) -> None:
+        """``run_sync``'s stage callback; an unknown cloud stage name counts as distillation.
+        ``now`` (seconds, any monotonic clock) gives each stage its elapsed time and ETA."""
         r = self.round
         if name not in STAGES:
             message = f"{name}: {message}" if message else name
@@ -269,10 +293,20 @@ class TuiState:
             if s.status != "done":
                 s.status, s.fraction = "done", 1.0
         cur = r.stages[idx]
+        if now is not None:
+            if cur.started is None:
+                cur.started = now
+            cur.elapsed = now - cur.started
         cur.fraction = max(0.0, min(1.0, float(fraction)))
         cur.status = "done" if cur.fraction >= 1.0 else "running"
         if message:
             r.message = message
+        if name == "upload" and cur.status == "done" and message:
+            self.uplink.last_upload, self.uplink.last_ok = f"in round: {message}", True
+
+    @property
+    def running_stage(self) -> StageRow | None:
+        return next((s for s in self.round.stages if s.status == "running"), None)
 
     def round_done(self, report: Any) -> RoundRow:
         r = self.round
@@ -282,6 +316,12 @@ class TuiState:
         self.rounds.append(row)
         r.running, r.cancelling, r.outcome = False, False, "done"
         r.message = f"round {short_id(row.round_id)}: {row.version_before} -> {row.version_after}"
+        drop = accuracy_drop(as_accuracy(report.accuracy_before), as_accuracy(report.accuracy_after))
+        if drop is not None:
+            r.warning = (f"VQA fell {percent(row.vqa_before, 1)} -> {percent(row.vqa_after, 1)}; "
+                         f"F9 rolls back to {row.version_before}")
+        self.uplink.last_upload = f"{report.uploaded} sent in round {short_id(row.round_id)}"
+        self.uplink.last_ok = True
         return row
 
     def _stop(self, outcome: str, message: str, error: str | None) -> None:
@@ -304,11 +344,32 @@ class TuiState:
         return True
 
     # versions
-    def set_versions(self, versions: Iterable[Any], current: str | None) -> None:
-        self.versions = [VersionRow(v.id, v.parent, v.round_id, v.patch_bytes, v.created, v.id == current)
-                         for v in versions]
+    def set_versions(self, versions: Iterable[Any], current: str | None,
+                     patch_sizes: dict[str, int] | None = None) -> None:
+        """``patch_sizes``: version id -> its patch file's bytes (the backend reads the files)."""
+        sizes = patch_sizes or {}
+        self.versions = [VersionRow(v.id, v.parent, v.round_id, sizes.get(v.id, v.patch_bytes), v.created,
+                                    v.id == current) for v in versions]
         cur = next((v for v in self.versions if v.current), None)
         self.can_rollback = cur is not None and cur.parent is not None
+
+    def version_changed(self, on_disk: str | None) -> bool:
+        """True when the store's CURRENT names another version than the one shown (another face,
+        e.g. `cdcca sync` in a second terminal, switched it)."""
+        return on_disk is not None and self.current_version is not None and on_disk != self.current_version
+
+    def switch_question(self, target: str | None = None) -> tuple[str, str, str] | None:
+        """(current, target, question) for the confirmation dialog, from the versions as last
+        read from disk; target defaults to the current version's parent.  None: nothing to do."""
+        cur = next((v for v in self.versions if v.current), None)
+        if cur is None:
+            return None
+        if target is None or target == cur.id:  # the highlighted row is the current one: go back
+            target = cur.parent
+        if target is None or all(v.id != target for v in self.versions):
+            return None
+        verb = "Roll back" if _number(target) < _number(cur.id) else "Switch"
+        return cur.id, target, f"{verb} the device model from {cur.id} to {target}?"
 
     # derived series for the plots
     def accuracy_series(self) -> dict[str, tuple[list[int], list[float]]]:
@@ -336,6 +397,11 @@ class TuiState:
         labels = [f"{i * width:.1f}" for i in range(bins)]
         labels[-1] += "+"
         return labels, counts
+
+
+def _number(version_id: str) -> int:
+    digits = version_id.lstrip("v")
+    return int(digits) if digits.isdigit() else -1
 
 
 def short_id(round_id: str, n: int = 8) -> str:

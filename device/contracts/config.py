@@ -7,6 +7,7 @@ that a loopback demo and the tests can isolate everything in one folder.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,14 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS_DIR = REPO_ROOT / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "default"
+DEFAULT_CLOUD_URL = "http://127.0.0.1:8765"
+
+# --- the on-disk layout, spelled once (the Settings properties below build the paths) ---------
+QUEUE_FILE = "queue.sqlite"  # the device's uplink queue (SQLite, WAL) in <home>/device
+PATCHES_DIR = "patches"  # downloaded DWC patches, <home>/device/patches/<round id>.gguf
+MODELS_DIR = "models"  # the device's versioned model stores, <home>/device/models/<name>
+FILE_ROLES = ("model", "mmproj")  # the two GGUF files of a device model, by role
+ROLE_FILES = {"model": "model.gguf", "mmproj": "mmproj.gguf"}  # their names inside a version
 
 
 def default_home() -> Path:
@@ -51,7 +60,7 @@ class Settings(BaseSettings):
     max_tokens: int = Field(16, ge=1, description="max answer tokens per question")
     device_quant: str = Field("q4_0", description="GGUF type the device installs by default")
     # uplink
-    cloud_url: str = Field("http://127.0.0.1:8765", description="cloud server base URL")
+    cloud_url: str = Field(DEFAULT_CLOUD_URL, description="cloud server base URL")
     device_token: str | None = Field(None, description="bearer token given by `cdcca cloud add-device`")
     # cloud
     db_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under <home>/cloud")
@@ -67,6 +76,25 @@ class Settings(BaseSettings):
     @property
     def device_dir(self) -> Path:
         return self.home / "device"
+
+    @property
+    def queue_path(self) -> Path:
+        return self.device_dir / QUEUE_FILE
+
+    @property
+    def patches_dir(self) -> Path:
+        return self.device_dir / PATCHES_DIR
+
+    @property
+    def models_dir(self) -> Path:
+        return self.device_dir / MODELS_DIR
+
+    def patch_path(self, round_id: str) -> Path:
+        """Where the patch of ``round_id`` is kept; the id comes from the network, so it must be
+        a plain token (no separators, no dots) before it becomes part of a path."""
+        if not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", round_id or ""):
+            raise ValueError(f"refusing round id {round_id[:80]!r}: not a plain token")
+        return self.patches_dir / f"{round_id}.gguf"
 
     @property
     def cloud_dir(self) -> Path:

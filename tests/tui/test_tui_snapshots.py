@@ -42,7 +42,7 @@ async def chat(pilot, scene, n: int = 2) -> None:
 
 async def one_round(pilot) -> None:
     app = pilot.app
-    await pilot.press("escape", "s")
+    await pilot.press("f5")
     await wait_for(pilot, lambda: app.state.round.outcome == "done", 10, "the round")
     await wait_for(pilot, lambda: app.state.current_version == f"v{len(app.state.rounds)}", 5, "versions")
 
@@ -60,7 +60,7 @@ def test_mid_round(snap_compare, scene):
 
     async def run_before(pilot):
         await chat(pilot, scene, 2)
-        await pilot.press("escape", "s")
+        await pilot.press("f5")
         await wait_for(pilot, lambda: backend.paused.is_set(), 5, "the round")
         await wait_for(pilot, lambda: pilot.app.state.round.message == "step 20/50", 5, "the stage")
 
@@ -76,7 +76,7 @@ def test_rounds_tab_after_two_rounds(snap_compare, backend, scene):
         await one_round(pilot)
         await chat(pilot, scene, 1)
         await one_round(pilot)
-        await pilot.press("2")
+        await pilot.press("escape", "2")
 
     assert snap_compare(make_app(backend, scene[0]), terminal_size=SIZE, run_before=run_before)
 
@@ -86,7 +86,7 @@ def test_plots_tab(snap_compare, backend, scene):
         await chat(pilot, scene, 3)
         await one_round(pilot)
         await one_round(pilot)
-        await pilot.press("3")
+        await pilot.press("escape", "3")
 
     assert snap_compare(make_app(backend, scene[0]), terminal_size=SIZE, run_before=run_before)
 
@@ -95,14 +95,14 @@ def test_rollback_asks_first(snap_compare, backend, scene):
     async def run_before(pilot):
         await chat(pilot, scene, 1)
         await one_round(pilot)
-        await pilot.press("2", "r")
+        await pilot.press("escape", "2", "f9")
 
     assert snap_compare(make_app(backend, scene[0]), terminal_size=SIZE, run_before=run_before)
 
 
 def test_help_screen(snap_compare, backend):
     async def run_before(pilot):
-        await pilot.press("escape", "question_mark")
+        await pilot.press("f1")
 
     assert snap_compare(make_app(backend), terminal_size=SIZE, run_before=run_before)
 
@@ -112,9 +112,9 @@ def test_cloud_down_light_theme(snap_compare, scene):
 
     async def run_before(pilot):
         await chat(pilot, scene, 1)
-        await pilot.press("escape", "d", "u")
+        await pilot.press("f10", "f2")
         await wait_for(pilot, lambda: pilot.app.state.uplink.last_ok is False, 5, "the upload")
-        await pilot.press("s")
+        await pilot.press("f5")
         await wait_for(pilot, lambda: pilot.app.state.round.outcome == "failed", 5, "the round")
 
     assert snap_compare(make_app(backend, scene[0]), terminal_size=SIZE, run_before=run_before)

@@ -76,7 +76,7 @@ def test_stages_advance_and_unknown_cloud_stages_count_as_distillation():
     assert s.round.stage("distil").status == "running" and s.round.message == "loading samples"
     s.on_stage("distil", 0.4, "step 20/50")
     s.on_stage("download", 0.0, "downloading the patch")  # skipped stages are marked done
-    assert [x.status for x in s.round.stages] == ["done", "done", "done", "done", "running", "pending", "pending"]
+    assert [x.status for x in s.round.stages] == ["done"] * 6 + ["running", "pending", "pending"]
     assert s.cancel_requested() and s.round.cancelling
     s.round_cancelled()
     assert s.round.stage("download").status == "cancelled" and not s.round.running
@@ -184,6 +184,82 @@ def test_the_help_screen_lists_every_key():
     from tui.app import CdccaApp
     from tui.screens import KEYS
 
-    listed = {k for keys, _ in KEYS for k in keys.replace("/", " ").split()}
+    listed = {k.lower() for keys, _ in KEYS for k in keys.replace("/", " ").split()}
     for b in CdccaApp.BINDINGS:
-        assert {"question_mark": "?"}.get(b.key, b.key) in listed, b.key
+        assert b.key in listed, b.key
+
+
+def test_no_action_is_on_a_key_that_types_text():
+    """Bug 1: every action that changes something is on a function key or ctrl+key; bare
+    printable keys only switch the view (and fire only when no input has the focus)."""
+    from tui.app import CdccaApp
+
+    view_only = {"tab", "focus_question"}
+    for b in CdccaApp.BINDINGS:
+        printable = len(b.key) == 1
+        assert not printable or b.action.split("(")[0] in view_only, (b.key, b.action)
+
+
+def test_a_repeat_of_a_queued_sample_is_not_marked_kept():
+    """Bug 3: the marker follows what the queue did, not what UTS wanted."""
+    s = TuiState()
+    s.start_turn("q?", "a.png")
+    turn = make_turn(["red"], [1.2], kept=True)
+    turn.queued, turn.duplicate = False, True  # UTS kept it; INSERT OR IGNORE found it already queued
+    t = s.finish_turn(turn)
+    assert t.kept is False and "already queued" in t.reason
+
+
+def test_a_rejected_token_is_not_online():
+    """Bug 8: /health answers anyone; the token was tried on an authenticated endpoint."""
+    s = TuiState()
+    s.cloud_up("0.1.0", token_ok=False)
+    assert s.cloud.message == "token rejected" and s.cloud.token_ok is False
+    s.cloud_up("0.1.0", token_ok=True)
+    assert s.cloud.message == "online (v0.1.0)"
+
+
+def test_an_external_version_change_is_noticed_and_the_dialog_names_real_versions():
+    """Bug 2: a dialog names the versions it will act on, from the versions read from disk."""
+    s = TuiState(model_name="m", model_ready=True)
+    vs = [Version("v0", None, "", "t", {}), Version("v1", "v0", "r1", "t", {}), Version("v2", "v1", "r2", "t", {})]
+    s.set_versions(vs, "v1")
+    assert s.version_changed("v2") and not s.version_changed("v1") and not s.version_changed(None)
+    s.set_versions(vs, "v2")
+    assert s.switch_question() == ("v2", "v1", "Roll back the device model from v2 to v1?")
+    assert s.switch_question("v0")[2] == "Roll back the device model from v2 to v0?"
+    s.set_versions(vs, "v0")
+    assert s.switch_question("v2")[2] == "Switch the device model from v0 to v2?"
+    assert s.switch_question() is None and s.switch_question("v9") is None
+
+
+def test_a_round_that_lowers_accuracy_warns_and_names_the_rollback():
+    s = TuiState()
+    s.round_started()
+    rep = report(2)
+    rep.accuracy_before, rep.accuracy_after = accuracy(0.3), accuracy(0.1)
+    s.round_done(rep)
+    assert s.round.warning and "F9" in s.round.warning and "v1" in s.round.warning
+    s.round_started()
+    s.round_done(report(3))
+    assert s.round.warning is None
+
+
+def test_each_stage_has_elapsed_time_and_an_eta():
+    s = TuiState()
+    s.round_started()
+    s.on_stage("distil", 0.0, "step 0/100", now=10.0)
+    s.on_stage("distil", 0.25, "step 25/100", now=14.0)
+    st = s.round.stage("distil")
+    assert st.elapsed == 4.0 and math.isclose(st.eta(), 12.0)
+    s.on_stage("distil", 1.0, "", now=26.0)
+    assert st.eta() is None and st.status == "done"
+
+
+def test_one_patch_size_in_the_round_row_and_the_version_history():
+    """Bug 5: the history shows the patch file's bytes, the figure the round reported."""
+    s = TuiState()
+    row = s.round_done(report(1))
+    vs = [Version("v0", None, "", "t", {}), Version("v1", "v0", "round-1", "t", {}, patch_bytes=38_736)]
+    s.set_versions(vs, "v1", {"v1": row.downlink_bytes})
+    assert s.versions[1].patch_bytes == row.downlink_bytes == 50_000

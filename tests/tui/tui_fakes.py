@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from device.contracts.round_metrics import STAGES
 from device.queue import QueueStats
 from device.session import Turn
-from device.sync import STAGES, SyncReport
+from device.sync import SyncReport
 from device.uncertainty import TokenUncertainty
 from device.uplink import CloudUnavailable, UploadResult
 from device.uts import UTSDecision
@@ -32,8 +33,11 @@ def accuracy(base: float) -> dict:
 class FakeBackend:
     cloud_url = "http://127.0.0.1:8765"
 
-    def __init__(self, online: bool = True, pause_at: str | None = None) -> None:
+    def __init__(self, online: bool = True, pause_at: str | None = None, token_ok: bool | None = True,
+                 drop: bool = False) -> None:
         self.online = online
+        self.token_ok = token_ok
+        self.drop = drop  # rounds lower the accuracy
         self.pause_at = pause_at  # stop the round at this stage until ``resume`` is set
         self.paused = threading.Event()
         self.resume = threading.Event()
@@ -78,9 +82,9 @@ class FakeBackend:
     def health(self):
         if not self.online:
             raise CloudUnavailable(f"cloud at {self.cloud_url} is unreachable after 3 tries: ConnectError")
-        from device.contracts.wire import Health
+        from tui.backend import CloudCheck
 
-        return Health(version="0.1.0", max_upload_bytes=8 << 20)
+        return CloudCheck("0.1.0", self.token_ok)
 
     def upload(self) -> UploadResult:
         self.health()
@@ -106,6 +110,7 @@ class FakeBackend:
                 self.upload()
             on_stage(stage, 1.0, f"{stage} done")
         self.rounds += 1
+        after = accuracy(0.10 if self.drop else 0.30 + 0.1 * self.rounds)
         rid = f"r{self.rounds:02d}c0ffee1234"
         parent = self.current
         self.current = f"v{len(self.versions_)}"
@@ -116,17 +121,25 @@ class FakeBackend:
                           full_fp16_delta_bytes=2_100_000, tensors_patched=7 + self.rounds, rows_patched=90,
                           version_before=parent, version_after=self.current, apply_seconds=0.012,
                           reload_seconds=0.05, round_seconds=3.0, accuracy_before=before,
-                          accuracy_after=accuracy(0.30 + 0.1 * self.rounds))
+                          accuracy_after=after, samples_learned=n)
 
     def versions(self):
         return list(self.versions_), self.current
 
-    def rollback(self) -> Version:
-        cur = next(v for v in self.versions_ if v.id == self.current)
-        if cur.parent is None:
-            raise ValueError("v0 is the base; nothing to roll back to")
-        self.current = cur.parent
-        return next(v for v in self.versions_ if v.id == self.current)
+    def patch_sizes(self) -> dict[str, int]:
+        return {v.id: v.patch_bytes for v in self.versions_ if v.parent}
+
+    def disk_version(self) -> str | None:
+        return self.current
+
+    def follow_disk(self) -> str | None:
+        return None
+
+    def switch(self, target: str, expected_current: str) -> Version:
+        if expected_current != self.current:
+            raise ValueError(f"the device model is now {self.current}, not {expected_current}")
+        self.current = target
+        return next(v for v in self.versions_ if v.id == target)
 
     def close(self) -> None:
         self.closed = True

@@ -35,21 +35,34 @@ def render_turn(turn: ChatTurn) -> Group:
         answer.append(" ▌", style="dim")
         return Group(head, answer)
     mark = Text(f"mean H {turn.mean_entropy:.2f}  ", style="dim", no_wrap=True, overflow="ellipsis")
+    if turn.truncated:
+        answer.append(" … (cut at max tokens)", style="dim italic")
+    parts = [head, answer, Text(f"mean H {turn.mean_entropy:.2f}", style="dim")]
+    # the UTS outcome on a line of its own, wrapped, so the reason stays readable at 80 columns
     if turn.kept:
-        mark.append(f"{KEPT} kept for uplink ({human_bytes(turn.shipped_bytes)})", style="bold yellow")
-        mark.append(f" {turn.reason}", style="dim")
+        mark = Text(f"{KEPT} kept for uplink ({human_bytes(turn.shipped_bytes)}): ", style="bold yellow")
+        mark.append(turn.reason, style="yellow")
+        parts.append(mark)
     elif turn.kept is False:
-        mark.append(f"· not kept: {turn.reason}", style="dim")
-    return Group(head, answer, mark)
+        parts.append(Text(f"· not kept: {turn.reason}", style="dim"))
+    return Group(*parts)
 
 
 class ChatInput(Input):
-    """An input that Esc leaves, so the app's one-letter keys work again (shown in the footer)."""
+    """An input that Esc leaves.  Tab and shift+Tab cycle between the chat's inputs only, so a Tab
+    typed mid-question never moves the focus to a place where keys mean actions."""
 
-    BINDINGS = [Binding("escape", "leave", "Leave input")]
+    BINDINGS = [Binding("escape", "leave", "Leave input", show=False),
+                Binding("tab", "cycle(1)", "Next input", show=False),
+                Binding("shift+tab", "cycle(-1)", "Previous input", show=False)]
 
     def action_leave(self) -> None:
         self.screen.set_focus(None)
+
+    def action_cycle(self, step: int) -> None:
+        inputs = [w for w in self.screen.query(ChatInput) if w.display]
+        if self in inputs:
+            inputs[(inputs.index(self) + step) % len(inputs)].focus()
 
 
 class TurnView(Static):
@@ -91,7 +104,7 @@ class ChatPane(Vertical):
                 yield ChatInput(self._image or "", placeholder="image path (Enter: preview)", id="image-path",
                                 compact=True)
                 yield ChatInput(placeholder="ask about the image (Enter)", id="question", compact=True)
-                yield Static(legend(), id="legend")
+                yield Static(legend(compact=True), id="legend")
                 yield Static("", id="chat-status")
 
     def set_model(self, label: str) -> None:

@@ -10,13 +10,14 @@ from textual.widgets import DataTable, Static
 
 from tui.state import RoundRow, VersionRow, human_bytes, percent, short_id
 
-ROUND_COLUMNS = ("round", "samples", "patch", "÷model", "tensors", "apply", "VQA before→after")
+# "learned": samples the round trained on (also ones uploaded before it); "patch": the patch file
+ROUND_COLUMNS = ("round", "learned", "patch", "÷model", "tensors", "apply", "VQA before→after")
 VERSION_COLUMNS = ("", "version", "parent", "round", "patch", "created")
 
 
 def round_cells(r: RoundRow) -> tuple:
     acc = "-" if r.vqa_after is None else f"{percent(r.vqa_before, 1)} → {percent(r.vqa_after, 1)}"
-    return (short_id(r.round_id), str(r.uploaded), human_bytes(r.downlink_bytes), percent(r.downlink_ratio),
+    return (short_id(r.round_id), str(r.samples_learned), human_bytes(r.downlink_bytes), percent(r.downlink_ratio),
             str(r.tensors_patched), f"{1000 * r.apply_seconds:.0f} ms", acc)
 
 
@@ -34,7 +35,7 @@ class DownlinkPanel(Vertical):
 
     def on_mount(self) -> None:
         self.border_title = "Downlink"
-        self.border_subtitle = "r: roll back to the parent version"
+        self.border_subtitle = "F9 switch to the highlighted version"
         self.query_one("#history-title", Static).update(Text("version history", style="bold"))
 
     def show(self, rounds: list[RoundRow], versions: list[VersionRow]) -> None:

@@ -15,7 +15,8 @@ def render_uplink(u: UplinkView) -> Table:
     t.add_column(overflow="fold")
     t.add_row("queue", f"{u.pending} pending · {u.acknowledged} acked")
     t.add_row("bytes", f"{human_bytes(u.pending_bytes)} pending")
-    t.add_row("ratio", f"{percent(u.ratio)} of raw" if u.raw_bytes else "-")
+    # shipped bytes vs what a no-selection uplink would send for the same samples (device.uts)
+    t.add_row("ratio", f"{percent(u.ratio)} of no-UTS" if u.raw_bytes else "-")
     if u.busy:
         last = Text("uploading...", style="yellow")
     else:
@@ -28,7 +29,7 @@ def render_uplink(u: UplinkView) -> Table:
 class UplinkPanel(Static):
     def on_mount(self) -> None:
         self.border_title = "Uplink"
-        self.border_subtitle = "u: upload now"
+        self.border_subtitle = "F2 upload now"
 
     def show(self, u: UplinkView) -> None:
         self.update(render_uplink(u))
