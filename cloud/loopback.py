@@ -10,7 +10,7 @@ from pathlib import Path
 from device.contracts.config import Settings
 
 from .round_job import make_runner
-from .server import create_app
+from .server import create_app, uvicorn_limits
 
 
 class LoopbackCloud:
@@ -31,7 +31,8 @@ class LoopbackCloud:
     def start(self) -> "LoopbackCloud":
         import uvicorn
 
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
+                                                     **uvicorn_limits(self.settings)))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 20

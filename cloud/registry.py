@@ -2,20 +2,36 @@
 
 A device uploads its base model once; after each round the cloud registers the patched files it
 evaluated, so the device's next round finds its new version here without another upload.
+
+Half-uploaded models wait in *staging* owned by the uploading device (issue 11, item 6):
+``.stage-<owner>-<model_id>/``, where ``<owner>`` is a hash of the device name.  Another
+device's upload of the same id never touches it, a device may park at most ``per_device``
+stagings (a new one evicts its own oldest), and staging older than ``max_age_s`` is swept on
+start and on every upload.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 from device.contracts.model_id import ROLES, model_id
 
+STAGE_PREFIX = ".stage-"
+
+
+def owner_key(device: str) -> str:
+    return hashlib.sha256(device.encode()).hexdigest()[:16]
+
 
 class ModelRegistry:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, per_device: int = 2, max_age_s: float = 86400.0):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.per_device = per_device
+        self.max_age_s = max_age_s
 
     def _dir(self, mid: str) -> Path:
         if not mid.isalnum():
@@ -26,6 +42,16 @@ class ModelRegistry:
         d = self._dir(mid)
         files = {r: d / f"{r}.gguf" for r in ROLES}
         return files if all(p.is_file() for p in files.values()) else None
+
+    def ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def remove(self, mid: str) -> int:
+        """Delete a held model; returns the bytes freed."""
+        d = self._dir(mid)
+        freed = sum(p.stat().st_size for p in d.glob("*") if p.is_file()) if d.is_dir() else 0
+        shutil.rmtree(d, ignore_errors=True)
+        return freed
 
     def put(self, files: dict[str, Path]) -> str:
         """Copy files in (atomically: a half-copied model is never visible); returns the id."""
@@ -46,14 +72,19 @@ class ModelRegistry:
             shutil.rmtree(tmp, ignore_errors=True)
         return mid
 
-    def put_role(self, mid: str, role: str, src: Path) -> bool:
-        """Stage one uploaded file; the model becomes visible once both roles are present and
-        their content hash equals ``mid``. Returns True when the model is complete."""
+    def put_role(self, mid: str, role: str, src: Path, owner: str = "") -> bool:
+        """Stage one uploaded file in ``owner``'s staging; the model becomes visible once both
+        roles are present and their content hash equals ``mid``.  True when complete."""
         if role not in ROLES:
             raise ValueError(f"unknown model file role {role!r}")
-        staging = self.root / f".{mid}.upload"
-        staging.mkdir(exist_ok=True)
+        self._dir(mid)  # validates the id
+        self.sweep()
+        staging = self.root / f"{STAGE_PREFIX}{owner_key(owner)}-{mid}"
+        if not staging.is_dir():
+            self._make_room(owner)
+            staging.mkdir(mode=0o700)
         os.replace(src, staging / f"{role}.gguf")
+        os.utime(staging)
         files = {r: staging / f"{r}.gguf" for r in ROLES}
         if not all(p.is_file() for p in files.values()):
             return False
@@ -63,6 +94,33 @@ class ModelRegistry:
             raise ValueError(f"uploaded files hash to {got}, not {mid}")
         try:
             staging.rename(self._dir(mid))
-        except OSError:
+        except OSError:  # another device completed the same model first: same bytes
             shutil.rmtree(staging, ignore_errors=True)
         return True
+
+    def stagings(self, owner: str | None = None) -> list[Path]:
+        prefix = STAGE_PREFIX + (owner_key(owner) + "-" if owner is not None else "")
+        return sorted((p for p in self.root.iterdir() if p.name.startswith(prefix)),
+                      key=lambda p: p.stat().st_mtime)
+
+    def _make_room(self, owner: str) -> None:
+        mine = self.stagings(owner)
+        for old in mine[: max(0, len(mine) - self.per_device + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def sweep(self, max_age_s: float | None = None) -> int:
+        """Remove staging and temp folders older than ``max_age_s``; returns how many."""
+        cutoff = time.time() - (self.max_age_s if max_age_s is None else max_age_s)
+        n = 0
+        for p in self.root.iterdir():
+            if p.name.startswith(".") and _mtime(p) < cutoff:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return float("inf")

@@ -1,35 +1,37 @@
-"""Rounds: the context handed to a round runner, the state machine, and the worker that runs them.
+"""Rounds, API side: the context a round runner gets, the state machine, and the admission of
+new rounds (quotas and caps).  Running them is the workers' job (``cloud/worker.py``).
 
 A *round runner* is the pluggable heavy part (AKD distillation + DWC compression, written
-elsewhere).  This module owns everything around it that must be right regardless of the runner:
-which samples it sees, how progress and cancellation reach the database, and that every round
-ends in exactly one terminal state.
+elsewhere).  This module and the worker own everything around it that must be right regardless
+of the runner: which samples it sees, how progress and cancellation reach the database, and that
+every round ends in exactly one terminal state.
 
     queued --> running --> done
-       |          |------> failed
+       |   ^      |------> failed      (runner error, wall-time cap, lease lost too often)
+       |   '------|        (lease lost: re-queued, keeps its place in line)
        |          '------> cancelled
-       '--> cancelled / failed   (cancelled before it started, or the server went away)
+       '--> cancelled
 """
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from device.contracts.model_id import file_sha256 as sha256_file
+from device.contracts.config import Settings
 from device.contracts.wire import RoundOptions, RoundRequest, RoundStatus, UplinkSample
 
-from .store import Store, jsonable, utcnow
+from .store import ActiveRound, Store, utcnow
 
 log = logging.getLogger(__name__)
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"done", "failed", "cancelled"}),
+    "running": frozenset({"done", "failed", "cancelled", "queued"}),
 }
 
 
@@ -46,11 +48,19 @@ class RoundConflict(Exception):
     """The requested change does not apply to the round's current state."""
 
 
+class RoundRejected(Exception):
+    """A new round the cloud will not queue: an HTTP status, a one-line reason, headers."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
 @dataclass
 class RoundContext:
     """Everything a runner gets.  ``progress`` doubles as a cancellation point: it raises
-    :class:`RoundCancelled` once the device asked to cancel, so a runner that reports progress
-    stops promptly without polling ``cancelled()`` itself."""
+    :class:`RoundCancelled` once the round must stop (the device cancelled, the wall-time cap
+    passed, the worker lost its lease), so a runner that reports progress stops promptly."""
 
     device: str
     round_id: str
@@ -84,127 +94,78 @@ def one_line(exc: BaseException, limit: int = 500) -> str:
     return msg[:limit]
 
 
-class RoundManager:
-    """Queues rounds on a small executor (one at a time by default: a round saturates the GPU)."""
+def capped(request: RoundRequest, settings: Settings) -> RoundRequest:
+    """The request with the cloud's caps applied.  Too many steps is refused (the device asked
+    this cloud to spend more than it will); ``max_samples`` is an "up to" and is clamped to the
+    cap (``None``, "all", means the cap), so a device's default works with any cloud."""
+    opts = request.options
+    if opts.steps > settings.max_round_steps:
+        raise RoundRejected(422, f"options.steps: {opts.steps} is over this cloud's cap of "
+                                 f"{settings.max_round_steps} (max_round_steps)")
+    cap = settings.max_round_samples
+    limit = cap if opts.max_samples is None else min(opts.max_samples, cap)
+    return request.model_copy(update={"options": opts.model_copy(update={"max_samples": limit})})
 
-    def __init__(self, store: Store, runner: RoundRunner | None, workers: int = 1) -> None:
+
+class RoundManager:
+    """Admits rounds into the durable queue; optional in-process workers run them.
+
+    With a ``runner`` (tests, the loopback cloud), ``local_workers`` threads of
+    :class:`cloud.worker.Worker` claim rounds from the same queue an external ``cdcca cloud
+    worker`` would.  With ``accept_rounds=True`` and no runner (``cdcca cloud serve``), rounds
+    wait for worker processes.  Neither: the server refuses rounds (501)."""
+
+    def __init__(self, store: Store, settings: Settings, runner: RoundRunner | None = None,
+                 local_workers: int = 1, accept_rounds: bool = False) -> None:
         self.store = store
+        self.settings = settings
         self.runner = runner
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cdcca-round")
-        self._cancel: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-        self._closing = False
+        self.accepts = runner is not None or accept_rounds
+        self._local = None
+        if runner is not None and local_workers > 0:
+            from .worker import LocalWorkers
+
+            self._local = LocalWorkers(store, runner, settings, local_workers)
 
     def recover(self) -> int:
-        """Rounds left queued/running by a previous process cannot resume: fail them clearly."""
-        stale = self.store.rounds_in(TRANSITIONS.keys())
-        for rid in stale:
-            self._end(rid, "failed", "interrupted: the server restarted before this round finished")
-        return len(stale)
+        """Rounds whose worker died (its lease ran out) go back in line; returns how many."""
+        requeued, failed = self.store.expire_leases(self.settings.round_attempts)
+        return len(requeued) + len(failed)
 
     def submit(self, device: str, request: RoundRequest) -> RoundStatus:
-        status = self.store.create_round(device, request)
-        with self._lock:
-            self._cancel[status.round_id] = threading.Event()
-        self._executor.submit(self._run, status.round_id)
+        request = capped(request, self.settings)
+        since = utcnow() - timedelta(hours=1)
+        if self.store.rounds_created_since(device, since) >= self.settings.rounds_per_hour:
+            raise RoundRejected(429, f"this device created {self.settings.rounds_per_hour} rounds "
+                                     "in the last hour, the cloud's limit (rounds_per_hour)",
+                                {"Retry-After": "60"})
+        try:
+            status = self.store.create_round(device, request)
+        except ActiveRound as exc:
+            raise RoundRejected(409, f"round {exc.round_id} of this device is still active "
+                                     "(queued or running): wait for it or cancel it first") from None
+        if self._local is not None:
+            self._local.wake()
         return status
 
     def cancel(self, device: str, round_id: str) -> RoundStatus | None:
-        """Queued rounds cancel at once; running ones at the runner's next progress report."""
+        """Queued rounds cancel at once; running ones at the runner's next progress report
+        (the worker learns of it from its heartbeat, or at once if it runs in this process)."""
         status = self.store.get_round(round_id, device)
         if status is None:
             return None
         if status.finished:
             raise RoundConflict(f"round {round_id} is already {status.state}")
-        if self._end(round_id, "cancelled", "cancelled by the device before it started",
-                     expected=frozenset({"queued"})):
+        if self.store.transition(round_id, {"queued"}, "cancelled", finished_at=utcnow(),
+                                 message="cancelled by the device before it started"):
             return self.store.get_round(round_id, device)
-        with self._lock:
-            event = self._cancel.get(round_id)
-        if event is not None:
-            # note first, then signal: the runner's final "cancelled" message must come last
-            self.store.update_round(round_id, message="cancel requested")
-            event.set()
+        # note first, then signal: the runner's final "cancelled" message must come last
+        self.store.request_cancel(round_id)
+        if self._local is not None:
+            self._local.cancel(round_id)
         return self.store.get_round(round_id, device)
 
     def shutdown(self, wait: bool = True) -> None:
-        """Stop taking work; running rounds are asked to stop, queued ones are failed."""
-        self._closing = True
-        with self._lock:
-            for event in self._cancel.values():
-                event.set()
-        self._executor.shutdown(wait=wait, cancel_futures=True)
-        for rid in self.store.rounds_in({"queued"}):
-            self._end(rid, "failed", "interrupted: the server shut down before this round started")
-
-    # --- worker side --------------------------------------------------------------------------
-    def _run(self, round_id: str) -> None:
-        try:
-            if not self.store.transition(round_id, sources("running"), "running",
-                                         started_at=utcnow(), stage="loading samples"):
-                return  # cancelled while queued
-            self._execute(self._context(round_id))
-        except RoundCancelled:
-            self._end_interrupted(round_id)
-        except Exception as exc:  # noqa: BLE001 - any runner failure becomes the round's message
-            log.exception("round %s failed", round_id)
-            if self._cancel_requested(round_id):
-                self._end_interrupted(round_id)
-            else:
-                self._end(round_id, "failed", one_line(exc))
-        finally:
-            with self._lock:
-                self._cancel.pop(round_id, None)
-
-    def _context(self, round_id: str) -> RoundContext:
-        device, request = self.store.round_request(round_id)
-        batch = self.store.unused_samples(device, request.options.max_samples)
-        if not batch:
-            raise RuntimeError("no unused samples to learn from; upload some first")
-        self.store.update_round(round_id, n_samples=len(batch))
-        work_dir = self.store.root / "rounds" / round_id
-        work_dir.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            event = self._cancel.setdefault(round_id, threading.Event())
-        return RoundContext(
-            device=device, round_id=round_id, base_model=request.base_model, samples=batch,
-            options=request.options, patch_path=work_dir / "patch.gguf", work_dir=work_dir,
-            _report=lambda stage, frac, msg: self._report(round_id, stage, frac, msg),
-            _cancel_event=event)
-
-    def _report(self, round_id: str, stage: str, fraction: float, message: str) -> None:
-        fraction = min(1.0, max(0.0, float(fraction)))
-        self.store.update_round(round_id, stage=stage[:64], progress=fraction, message=message[:1000])
-
-    def _execute(self, ctx: RoundContext) -> None:
-        if self.runner is None:
-            raise RuntimeError("this server has no round runner configured")
-        metrics = jsonable(dict(self.runner(ctx) or {}))
-        if ctx.cancelled():
-            raise RoundCancelled("cancelled by the device")
-        if not ctx.patch_path.is_file():
-            raise RuntimeError(f"the round runner wrote no patch at {ctx.patch_path.name}")
-        size = ctx.patch_path.stat().st_size
-        done = self.store.complete_round(
-            ctx.round_id, ctx.device, [s.sample_id for s in ctx.samples],
-            stage="done", progress=1.0, message=f"patch ready ({size} bytes)", metrics=metrics,
-            patch_path=str(ctx.patch_path), patch_sha256=sha256_file(ctx.patch_path),
-            patch_bytes=size, finished_at=utcnow())
-        if not done:
-            raise RoundConflict(f"round {ctx.round_id} left the running state unexpectedly")
-
-    def _cancel_requested(self, round_id: str) -> bool:
-        with self._lock:
-            event = self._cancel.get(round_id)
-        return event is not None and event.is_set()
-
-    def _end_interrupted(self, round_id: str) -> None:
-        if self._closing:
-            self._end(round_id, "failed", "interrupted: the server shut down during this round")
-        else:
-            self._end(round_id, "cancelled", "cancelled by the device")
-
-    def _end(self, round_id: str, state: str, message: str,
-             expected: frozenset[str] | None = None) -> bool:
-        return self.store.transition(round_id, expected or sources(state), state,
-                                     message=message, finished_at=utcnow())
+        """Stop the in-process workers; a round they were running goes back in line."""
+        if self._local is not None:
+            self._local.stop(wait=wait)

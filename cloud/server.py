@@ -1,18 +1,20 @@
 """The cloud's HTTP API (FastAPI): devices upload uncertain samples, start rounds, fetch patches.
+It never trains: rounds wait in the store's queue for workers (``cloud/worker.py``).
 
-Every route but ``GET /v1/health`` needs ``Authorization: Bearer <token>``; a device only ever
-sees its own samples and rounds (another device's round id answers 404, not 403, so ids cannot
-be probed).  Request bodies are size-checked before any parsing, so an oversized upload costs
-the server at most ``max_upload_bytes`` of reading.
+Every route but ``GET /v1/health`` needs ``Authorization: Bearer <token>``, checked by the front
+gate (``cloud/gate.py``) before any body byte is read; a device only ever sees its own samples
+and rounds (another device's round id answers 404, not 403, so ids cannot be probed).
+
+Samples are checked at the door (issue 11, item 2): non-finite numbers (the wire schema) and
+undecodable images or inconsistent arrays (``cloud/admission.py``) are refused with 422 naming
+the field, and a device can list and delete what it sent.
 
 Device models (``/v1/models/{model_id}``) are the exception to per-device isolation, on purpose:
 they are content-addressed by ``model_id`` (a hash of the GGUF bytes, see
-``device.contracts.model_id``) and shared, so a model that ten devices run is stored once, and
-any authenticated device may ask whether the cloud holds an id or upload the files for it.
-Knowing a model id grants nothing else: there is no route that returns model bytes, and samples,
-rounds and patches stay reachable only with their own device's token.  An upload is accepted only
-if the two files hash to the id they were uploaded under, so nobody can plant other bytes under
-a given id.  Model files are streamed to disk (never held in memory) under ``max_model_bytes``.
+``device.contracts.model_id``) and shared, so a model that ten devices run is stored once.
+Knowing a model id grants nothing else: there is no route that returns model bytes.  An upload
+is staged in the uploading device's own staging and accepted only if the two files hash to the
+id, so nobody can plant other bytes under an id or disturb another device's upload.
 """
 from __future__ import annotations
 
@@ -29,30 +31,33 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from device.contracts.config import Settings
 from device.contracts.model_id import ROLES
+from device.contracts.signing import SIGNATURE_HEADER, public_key_b64, sign_patch
 from device.contracts.wire import (
-    MODEL_ID_PATTERN, DeviceInfo, Health, ModelPresence, ModelUploadResult, RoundRequest,
-    RoundStatus, SampleCounts, UploadRequest, UploadResponse,
+    MODEL_ID_PATTERN, SAMPLE_ID_PATTERN, DeviceInfo, Health, ModelPresence, ModelUploadResult,
+    RoundRequest, RoundStatus, SampleCounts, SampleDeleted, SampleList, UploadRequest,
+    UploadResponse,
 )
 
+from .admission import sample_problem
+from .gate import BAD_TOKEN, MISSING_TOKEN, SCOPE_DEVICE, Gate, GateLimits
 from .registry import ModelRegistry
-from .rounds import RoundConflict, RoundManager, RoundRunner
+from .signing import load_or_create_key
+from .rounds import RoundConflict, RoundManager, RoundRejected, RoundRunner
 from .store import Store
 
 log = logging.getLogger(__name__)
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-MODELS_PREFIX = "/v1/models/"  # streamed model-file uploads: their own, larger body limit
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
+_SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
 _WRITE_CHUNK = 1 << 20  # bytes buffered per disk write of a streamed upload
-_STALE_UPLOAD_S = 3600  # an incoming temp file this old at startup belongs to a dead upload
 
 
 def _version() -> str:
@@ -60,118 +65,6 @@ def _version() -> str:
         return importlib.metadata.version("cdcca")
     except importlib.metadata.PackageNotFoundError:  # running from a bare checkout
         return "0+unknown"
-
-
-class _TooLarge(Exception):
-    """Raised from a counted ``receive`` once a streamed body passes its limit."""
-
-
-class BodyLimit:
-    """Pure-ASGI guard: rejects a body over its limit by Content-Length at once, and counts
-    streamed (chunked) bytes otherwise.
-
-    Paths under ``/v1/models/`` get ``max_model_bytes`` and pass through unbuffered (model files
-    are gigabytes; the endpoint streams them to disk): their bytes are counted as the app reads
-    them, and passing the limit aborts the request with the same 413.  Every other body gets
-    ``max_bytes`` and is buffered and replayed to the app, which is fine because that limit is
-    small and FastAPI would buffer the JSON anyway."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, max_model_bytes: int | None = None) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.max_model_bytes = max_bytes if max_model_bytes is None else max_model_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
-            return await self.app(scope, receive, send)
-        streamed = scope.get("path", "").startswith(MODELS_PREFIX)
-        limit = self.max_model_bytes if streamed else self.max_bytes
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            return await self._reject(scope, send, limit, declared, streamed)
-        if streamed:
-            return await self._pass_counted(scope, receive, send, limit)
-        body = await self._read(receive)
-        if body is None:
-            return await self._reject(scope, send, limit, None, streamed)
-        await self.app(scope, _replay(body, receive), send)
-
-    async def _pass_counted(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-        size = 0
-        started = False
-
-        async def counted() -> Message:
-            nonlocal size
-            message = await receive()
-            if message["type"] == "http.request":
-                size += len(message.get("body", b""))
-                if size > limit:
-                    raise _TooLarge()
-            return message
-
-        async def watched(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, watched)
-        except _TooLarge:
-            if started:  # cannot happen with our endpoints (they answer after reading); be safe
-                raise
-            await self._reject(scope, send, limit, None, streamed=True)
-
-    async def _read(self, receive: Receive) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away; let the app see an empty body
-                return b"".join(chunks)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    async def _reject(self, scope: Scope, send: Send, limit: int, declared: int | None,
-                      streamed: bool) -> None:
-        got = f"{declared} bytes" if declared is not None else "more than that"
-        hint = ("the cloud's operator can raise max_model_bytes (CDCCA_MAX_MODEL_BYTES)" if streamed
-                else "send fewer samples per batch")
-        detail = (f"request body too large: the cloud accepts at most {limit} bytes per "
-                  f"request, got {got}; {hint}")
-        response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
-        await response(scope, _no_receive, send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # after the body: wait for disconnect, as ASGI apps expect
-
-    return replay
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
 
 
 def _validation_handler(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -186,27 +79,31 @@ def _validation_handler(_request: Request, exc: RequestValidationError) -> JSONR
 
 
 def _auth_dependency(store: Store):
-    def current_device(authorization: Annotated[str | None, Header()] = None) -> str:
+    """The device the gate authenticated; looked up again only if the gate was bypassed."""
+    def current_device(request: Request,
+                       authorization: Annotated[str | None, Header()] = None) -> str:
+        device = request.scope.get(SCOPE_DEVICE)
+        if device is not None:
+            return device
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>' "
-                                     "(get one with `cdcca cloud add-device NAME`)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, MISSING_TOKEN, headers={"WWW-Authenticate": "Bearer"})
         device = store.device_for_token(token.strip())
         if device is None:
-            raise HTTPException(403, "unknown or revoked device token")
+            raise HTTPException(403, BAD_TOKEN)
         return device
 
     return current_device
 
 
-def create_app(settings: Settings, round_runner: RoundRunner | None = None) -> FastAPI:
-    """Build the API around one Store and one RoundManager (both on ``app.state``)."""
+def create_app(settings: Settings, round_runner: RoundRunner | None = None,
+               accept_rounds: bool = False, local_workers: int = 1) -> FastAPI:
+    """Build the API around one Store and one RoundManager (both on ``app.state``).
+
+    ``round_runner`` runs rounds in ``local_workers`` threads of this process (tests, the
+    loopback cloud); ``accept_rounds`` queues them for ``cdcca cloud worker`` processes."""
     store = Store(settings)
-    manager = RoundManager(store, round_runner)
-    recovered = manager.recover()
-    if recovered:
-        log.warning("marked %d interrupted round(s) as failed", recovered)
+    manager = RoundManager(store, settings, round_runner, local_workers, accept_rounds)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -218,43 +115,90 @@ def create_app(settings: Settings, round_runner: RoundRunner | None = None) -> F
     app.state.store = store
     app.state.rounds = manager
     app.state.settings = settings
+    app.state.signing_key = load_or_create_key(settings.cloud_dir)  # signs every patch served
     # The same folder as the round runner's registry (cloud.round_job.make_runner).
-    app.state.registry = ModelRegistry(settings.cloud_dir / "models")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes,
-                       max_model_bytes=settings.max_model_bytes)
+    app.state.registry = ModelRegistry(settings.cloud_dir / "models", settings.staging_per_device,
+                                       settings.staging_max_age_s)
+    app.add_middleware(Gate, authenticate=store.device_for_token, limits=GateLimits(
+        max_bytes=settings.max_upload_bytes, max_model_bytes=settings.max_model_bytes,
+        max_concurrent=settings.max_concurrent_uploads, body_timeout_s=settings.body_timeout_s))
     app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(RoundRejected, lambda _r, e: JSONResponse(
+        {"detail": e.detail}, status_code=e.status, headers=e.headers))
     auth = Depends(_auth_dependency(store))
-    _add_routes(app, store, manager, settings, auth)
-    _add_model_routes(app, app.state.registry, settings.cloud_dir / "incoming", auth)
+    _add_sample_routes(app, store, settings, auth)
+    _add_round_routes(app, store, manager, auth)
+    _add_model_routes(app, app.state.registry, settings, auth)
     return app
 
 
-def _add_routes(app: FastAPI, store: Store, manager: RoundManager, settings: Settings,
-                auth) -> None:
+def parse_upload(body: bytes) -> UploadRequest:
+    """JSON straight into the schema (no intermediate dict: less memory), then the door check.
+    Errors carry ``body.samples.N.field`` locations like FastAPI's own."""
+    try:
+        request = UploadRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(
+            include_input=False, include_url=False)]) from None
+    errors = []
+    for i, sample in enumerate(request.samples):
+        found = sample_problem(sample)
+        if found is not None:
+            field, reason = found
+            errors.append({"loc": ("body", "samples", i, *field.split(".")), "type": "unusable",
+                           "msg": f"sample {sample.sample_id}: {reason}"})
+    if errors:
+        raise RequestValidationError(errors)
+    return request
+
+
+def _add_sample_routes(app: FastAPI, store: Store, settings: Settings, auth) -> None:
     # ``device: str = auth`` rather than an Annotated alias: with postponed annotations FastAPI
     # resolves hints in module globals, where a local alias would not be found.
 
     @app.get("/v1/health", response_model=Health, tags=["meta"])
     def health() -> Health:
-        return Health(ok=True, version=_version(), max_upload_bytes=settings.max_upload_bytes)
+        return Health(ok=True, version=_version(), max_upload_bytes=settings.max_upload_bytes,
+                      signing_key=public_key_b64(app.state.signing_key))
 
     @app.get("/v1/me", response_model=DeviceInfo, tags=["meta"])
     def me(device: str = auth) -> DeviceInfo:
         row = store.get_device(device)
         return DeviceInfo(name=device, created_at=row.created_at, samples=store.sample_counts(device))
 
-    @app.post("/v1/samples", response_model=UploadResponse, tags=["samples"])
-    def upload(body: UploadRequest, device: str = auth) -> UploadResponse:
-        accepted, duplicates = store.add_samples(device, body.samples)
+    @app.post("/v1/samples", response_model=UploadResponse, tags=["samples"], openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": UploadRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    async def upload(request: Request, device: str = auth) -> UploadResponse:
+        body = await request.body()
+        parsed = await run_in_threadpool(parse_upload, body)
+        del body
+        accepted, duplicates = await run_in_threadpool(store.add_samples, device, parsed.samples)
         return UploadResponse(accepted=accepted, duplicates=duplicates)
 
     @app.get("/v1/samples/count", response_model=SampleCounts, tags=["samples"])
     def count(device: str = auth) -> SampleCounts:
         return store.sample_counts(device)
 
+    @app.get("/v1/samples", response_model=SampleList, tags=["samples"])
+    def list_samples(after: str | None = Query(None, pattern=SAMPLE_ID_PATTERN),
+                     limit: int = Query(100, ge=1, le=1000), device: str = auth) -> SampleList:
+        rows = store.list_samples(device, after, limit)
+        return SampleList(samples=rows, next_after=rows[-1].sample_id if len(rows) == limit else None)
+
+    @app.delete("/v1/samples/{sample_id}", response_model=SampleDeleted, tags=["samples"])
+    def delete_sample(sample_id: str, device: str = auth) -> SampleDeleted:
+        if not _SAMPLE_ID.match(sample_id):
+            raise HTTPException(422, f"invalid sample id {sample_id[:80]!r}: expected 16-64 hex digits")
+        if not store.delete_sample(device, sample_id):
+            raise HTTPException(404, f"no sample {sample_id} for this device")
+        return SampleDeleted(sample_id=sample_id)
+
+
+def _add_round_routes(app: FastAPI, store: Store, manager: RoundManager, auth) -> None:
     @app.post("/v1/rounds", response_model=RoundStatus, status_code=202, tags=["rounds"])
     def start_round(body: RoundRequest, device: str = auth) -> RoundStatus:
-        if manager.runner is None:
+        if not manager.accepts:
             raise HTTPException(501, "this cloud server has no round runner configured")
         if store.sample_counts(device).unused == 0:
             raise HTTPException(409, "no unused samples to learn from; upload some first")
@@ -278,36 +222,45 @@ def _add_routes(app: FastAPI, store: Store, manager: RoundManager, settings: Set
             raise _no_round(round_id)
         return status
 
-    @app.get("/v1/rounds/{round_id}/patch", response_class=FileResponse, tags=["rounds"],
+    @app.get("/v1/rounds/{round_id}/patch", tags=["rounds"],
              responses={200: {"content": {"application/octet-stream": {}}}})
-    def patch(round_id: str, device: str = auth) -> FileResponse:
+    def patch(round_id: str, device: str = auth) -> Response:
         status = _own_round(store, round_id, device)
         if status.state != "done":
             raise HTTPException(409, f"round {round_id} is {status.state}, not done: no patch yet")
         found = store.round_patch(round_id, device)
-        if found is None or not found.path.is_file():
+        if found is None or not store.blobs.exists(found.sha256):
             raise HTTPException(410, f"the patch of round {round_id} is no longer on the server")
-        return FileResponse(found.path, media_type="application/octet-stream",
-                            filename=f"cdcca-{round_id}.gguf",
-                            headers={"X-Patch-SHA256": found.sha256})
+        headers = {"X-Patch-SHA256": found.sha256, SIGNATURE_HEADER: sign_patch(
+            app.state.signing_key, found.sha256, round_id, status.base_model)}
+        if store.blobs.url is None:
+            return FileResponse(store.blobs.path_for(found.sha256), headers=headers,
+                                media_type="application/octet-stream",
+                                filename=f"cdcca-{round_id}.gguf")
+        return Response(store.blobs.get(found.sha256), media_type="application/octet-stream",
+                        headers={**headers, "Content-Disposition":
+                                 f'attachment; filename="cdcca-{round_id}.gguf"'})
 
 
 _OCTET_STREAM_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
-def _add_model_routes(app: FastAPI, registry: ModelRegistry, incoming: Path, auth) -> None:
+def _add_model_routes(app: FastAPI, registry: ModelRegistry, settings: Settings, auth) -> None:
     """Shared, content-addressed device models: see the module docstring for why any device's
     token may check or upload any model id."""
-    incoming.mkdir(parents=True, exist_ok=True)
-    _remove_stale_uploads(incoming)
+    incoming = settings.cloud_dir / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # a live upload writes its temp file at least every body_timeout_s; older ones are dead
+    remove_stale_uploads(incoming, max(60.0, 2 * settings.body_timeout_s))
+    registry.sweep()
     # put_role stages, hashes and renames in several steps; one at a time keeps two concurrent
     # uploads of the same model from racing each other's rename.
     register_lock = threading.Lock()
 
-    def register(model_id: str, role: str, path: Path) -> bool:
+    def register(model_id: str, role: str, path: Path, owner: str) -> bool:
         with register_lock:
-            return registry.put_role(model_id, role, path)
+            return registry.put_role(model_id, role, path, owner)
 
     @app.get("/v1/models/{model_id}", response_model=ModelPresence, tags=["models"],
              responses={404: {"description": "the cloud holds no (complete) copy of this model"}})
@@ -332,7 +285,7 @@ def _add_model_routes(app: FastAPI, registry: ModelRegistry, incoming: Path, aut
             return ModelUploadResult(model_id=model_id, role=role, complete=True)
         tmp = await _receive_to_temp(request, incoming)
         try:
-            complete = await run_in_threadpool(register, model_id, role, tmp)
+            complete = await run_in_threadpool(register, model_id, role, tmp, device)
         except ValueError as exc:
             raise HTTPException(422, f"hash mismatch: {exc}; both files of this model were "
                                      f"discarded, upload them again") from None
@@ -387,15 +340,18 @@ async def _drain(request: Request) -> None:
         pass
 
 
-def _remove_stale_uploads(folder: Path) -> None:
-    """Temp files of uploads that died with an earlier server process."""
-    cutoff = time.time() - _STALE_UPLOAD_S
+def remove_stale_uploads(folder: Path, max_age_s: float) -> int:
+    """Temp files of uploads that died (with an earlier server process, or stalled)."""
+    cutoff = time.time() - max_age_s
+    n = 0
     for p in folder.glob(".upload.*.part"):
         try:
             if p.stat().st_mtime < cutoff:
                 p.unlink()
+                n += 1
         except OSError:
             pass
+    return n
 
 
 def _own_round(store: Store, round_id: str, device: str) -> RoundStatus:
@@ -406,17 +362,24 @@ def _own_round(store: Store, round_id: str, device: str) -> RoundStatus:
 
 
 def _no_round(round_id: str) -> HTTPException:
-    return HTTPException(404, f"no round {round_id!r} for this device")
+    return HTTPException(404, f"no round {round_id[:80]!r} for this device")
+
+
+def uvicorn_limits(settings: Settings) -> dict:
+    """uvicorn's own limits (issue 11, item 3): idle keep-alive connections close after 5 s,
+    at most this many connections+tasks at once (more get 503), small header buffers."""
+    return {"timeout_keep_alive": 5, "limit_concurrency": max(64, 16 * settings.max_concurrent_uploads),
+            "h11_max_incomplete_event_size": 16 * 1024, "timeout_graceful_shutdown": 10}
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None,
-          round_runner: RoundRunner | None = None, log_level: str = "info") -> None:
+          round_runner: RoundRunner | None = None, log_level: str = "info",
+          accept_rounds: bool = True) -> None:
     """Run the API with uvicorn; host/port default to those of ``settings.cloud_url``, so the
     device and the server agree on the address without extra configuration."""
     import uvicorn
 
     url = urlsplit(settings.cloud_url)
-    app = create_app(settings, round_runner)
+    app = create_app(settings, round_runner, accept_rounds=accept_rounds)
     uvicorn.run(app, host=host or url.hostname or "127.0.0.1", port=port or url.port or 8765,
-                log_level=log_level)
-
+                log_level=log_level, **uvicorn_limits(settings))

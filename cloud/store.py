@@ -1,10 +1,13 @@
-"""The cloud's storage: devices, uploaded samples and rounds in SQL, sample payloads as blobs.
+"""The cloud's storage: devices, uploaded samples and rounds in SQL, payloads and patches as blobs.
 
-Rows live in any SQLAlchemy database (SQLite under ``<home>/cloud`` by default) so the server can
-move to Postgres by changing ``db_url`` alone.  Payloads live on disk, content-addressed by their
-SHA-256, because they are write-once and a database is a poor place for megabytes of base64.
+Rows live in SQLite (under ``<home>/cloud``, the default) or PostgreSQL (``db_url``), with the
+schema in ``cloud/schema.py`` and its history in Alembic migrations (``cloud/migrate.py``).
+Payloads live in a :class:`~cloud.blobs.BlobStore`, content-addressed, because they are
+write-once and a database is a poor place for megabytes of base64.
 
-Tokens are stored only as SHA-256 hashes: a leaked database does not leak credentials.
+Tokens are stored only as SHA-256 hashes: a leaked database does not leak credentials.  The
+round queue that workers claim from lives here too (``claim_round`` ...), so that API and
+workers agree through the database alone.
 """
 from __future__ import annotations
 
@@ -14,67 +17,36 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import (
-    JSON, Column, DateTime, Float, ForeignKey, Integer, MetaData, String, Table, UniqueConstraint,
-    create_engine, event, func, insert, select, update,
+    create_engine, delete, event, func, insert, select, update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from device.contracts.config import Settings
-from device.contracts.wire import RoundRequest, RoundStatus, SampleCounts, UplinkSample
-from device.patch import fsync_dir as _fsync_dir
+from device.contracts.wire import (
+    RoundRequest, RoundStatus, SampleCounts, SampleInfo, UplinkSample,
+)
+
+from .blobs import BlobStore, private_dir, write_atomic  # noqa: F401  (write_atomic re-exported)
+from .schema import ACTIVE_STATES, devices, metadata, rounds, samples  # noqa: F401
 
 DEVICE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-metadata = MetaData()
 
-devices = Table(
-    "devices", metadata,
-    Column("name", String(64), primary_key=True),
-    Column("token_sha256", String(64), nullable=False, unique=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
+class ActiveRound(Exception):
+    """The device already has a queued or running round (at most one each)."""
 
-samples = Table(
-    "samples", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("device", String(64), ForeignKey("devices.name"), nullable=False, index=True),
-    Column("sample_id", String(64), nullable=False),
-    Column("payload_sha256", String(64), nullable=False),
-    Column("blob_path", String(200), nullable=False),
-    Column("bytes", Integer, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("round_id", String(32), ForeignKey("rounds.id"), nullable=True, index=True),
-    UniqueConstraint("device", "sample_id", name="uq_samples_device_sample"),
-)
-
-rounds = Table(
-    "rounds", metadata,
-    Column("id", String(32), primary_key=True),
-    Column("device", String(64), ForeignKey("devices.name"), nullable=False, index=True),
-    Column("base_model", String(128), nullable=False),
-    Column("state", String(16), nullable=False, index=True),
-    Column("stage", String(64), nullable=False, default=""),
-    Column("progress", Float, nullable=False, default=0.0),
-    Column("message", String(1000), nullable=False, default=""),
-    Column("n_samples", Integer, nullable=False, default=0),
-    Column("options", JSON, nullable=False),
-    Column("metrics", JSON, nullable=False, default=dict),
-    Column("patch_path", String(1000), nullable=True),
-    Column("patch_sha256", String(64), nullable=True),
-    Column("patch_bytes", Integer, nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("started_at", DateTime(timezone=True), nullable=True),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
-)
+    def __init__(self, round_id: str) -> None:
+        super().__init__(round_id)
+        self.round_id = round_id
 
 
 def utcnow() -> datetime:
@@ -92,65 +64,38 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename: a reader sees the old file or the whole new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-class BlobStore:
-    """Content-addressed files ``<root>/<sha[:2]>/<sha>``; identical payloads are stored once."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def path_for(self, sha: str) -> Path:
-        return self.root / sha[:2] / sha
-
-    def put(self, data: bytes) -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        path = self.path_for(sha)
-        if not path.is_file():
-            write_atomic(path, data)
-        return sha
-
-    def get(self, sha: str) -> bytes:
-        data = self.path_for(sha).read_bytes()
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise OSError(f"blob {sha} is corrupt on disk (sha256 mismatch)")
-        return data
-
-
 @dataclass(frozen=True)
 class DeviceRow:
     name: str
     created_at: datetime
+    revoked: bool = False
 
 
 @dataclass(frozen=True)
 class PatchFile:
-    path: Path
     sha256: str
     bytes: int
 
 
-def _make_engine(url: str) -> Engine:
-    """SQLite needs cross-thread connections (FastAPI threadpool + round worker), WAL so that
+def _private_sqlite(url: str) -> None:
+    """Create the SQLite file 0600 before SQLite does (it would follow the umask, often 0644);
+    SQLite gives its -wal and -shm files the same mode."""
+    path = url.split("///", 1)[1] if "///" in url else ""
+    if not path or path.startswith(":memory:"):
+        return
+    p = Path(path)
+    private_dir(p.parent)
+    os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
+    if p.stat().st_mode & 0o077:
+        p.chmod(0o600)
+
+
+def make_engine(url: str) -> Engine:
+    """SQLite needs cross-thread connections (FastAPI threadpool + round workers), WAL so that
     readers polling progress never block the writer, and a busy timeout instead of errors."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
+    _private_sqlite(url)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -167,11 +112,12 @@ class Store:
     """All persistent state of the cloud server, behind plain methods (no ORM sessions leak out)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.root = settings.cloud_dir
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(self.root / "blobs")
-        self.engine = _make_engine(settings.db_url or f"sqlite:///{self.root / 'cloud.sqlite'}")
-        metadata.create_all(self.engine)
+        from .migrate import upgrade
+
+        self.root = private_dir(settings.cloud_dir)
+        self.blobs = BlobStore(private_dir(self.root / "blobs"), settings.blob_url)
+        self.engine = make_engine(settings.db_url or f"sqlite:///{self.root / 'cloud.sqlite'}")
+        upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -190,6 +136,23 @@ class Store:
             raise ValueError(f"device {name!r} already exists") from None
         return token
 
+    def rotate_token(self, name: str) -> str:
+        """A new token for ``name``; the old one (or a revoked state) stops working at once."""
+        token = secrets.token_urlsafe(32)
+        self._set_token(name, hash_token(token))
+        return token
+
+    def revoke(self, name: str) -> None:
+        """The device's token stops working; its samples and rounds stay (rotate to re-admit)."""
+        self._set_token(name, None)
+
+    def _set_token(self, name: str, digest: str | None) -> None:
+        with self.engine.begin() as conn:
+            done = conn.execute(update(devices).where(devices.c.name == name)
+                                .values(token_sha256=digest)).rowcount
+        if done != 1:
+            raise ValueError(f"no device {name!r}; see `cdcca cloud devices`")
+
     def device_for_token(self, token: str) -> str | None:
         """The device owning ``token``.  The lookup is by hash, so its timing reveals nothing
         useful; the final equality is still checked in constant time."""
@@ -207,12 +170,12 @@ class Store:
     def get_device(self, name: str) -> DeviceRow | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(devices).where(devices.c.name == name)).first()
-        return None if row is None else DeviceRow(row.name, _aware(row.created_at))
+        return None if row is None else _device_row(row)
 
     def list_devices(self) -> list[DeviceRow]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(devices).order_by(devices.c.name)).all()
-        return [DeviceRow(r.name, _aware(r.created_at)) for r in rows]
+        return [_device_row(r) for r in rows]
 
     # --- samples ------------------------------------------------------------------------------
     def add_samples(self, device: str, batch: Sequence[UplinkSample]) -> tuple[list[str], list[str]]:
@@ -243,12 +206,12 @@ class Store:
 
     def _sample_row(self, device: str, sample: UplinkSample) -> dict[str, Any]:
         # The blob is written before its row exists, so no row ever points at a missing file;
-        # an orphan blob after a crash is harmless because blobs are content-addressed.
+        # an orphan blob after a crash is harmless (content-addressed; `cdcca cloud gc` sweeps it).
         payload = sample.model_dump_json().encode()
         sha = self.blobs.put(payload)
         return {"device": device, "sample_id": sample.sample_id, "payload_sha256": sha,
-                "blob_path": str(self.blobs.path_for(sha).relative_to(self.root)),
-                "bytes": len(payload), "created_at": utcnow(), "round_id": None}
+                "blob_path": self.blobs.key(sha), "bytes": len(payload), "created_at": utcnow(),
+                "round_id": None}
 
     def _insert_samples(self, rows: list[dict[str, Any]]) -> set[str]:
         """Bulk insert; if a concurrent upload of the same ids won the race, fall back to one
@@ -270,30 +233,102 @@ class Store:
 
     def sample_counts(self, device: str) -> SampleCounts:
         # count(column) skips NULLs, so this stays portable (no FILTER clause needed).
-        query = select(func.count(), func.count(samples.c.round_id)).where(samples.c.device == device)
+        query = select(func.count(), func.count(samples.c.round_id), func.count(samples.c.skipped)
+                       ).where(samples.c.device == device)
         with self.engine.connect() as conn:
-            total, used = conn.execute(query).one()
-        return SampleCounts(total=total, unused=total - used)
+            total, used, skipped = conn.execute(query).one()
+        return SampleCounts(total=total, unused=total - used - skipped)
+
+    def list_samples(self, device: str, after: str | None = None, limit: int = 100) -> list[SampleInfo]:
+        query = select(samples).where(samples.c.device == device).order_by(samples.c.id).limit(limit)
+        if after is not None:
+            anchor = select(samples.c.id).where(samples.c.device == device,
+                                                samples.c.sample_id == after).scalar_subquery()
+            query = query.where(samples.c.id > func.coalesce(anchor, -1))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [SampleInfo(sample_id=r.sample_id, bytes=r.bytes, created_at=_aware(r.created_at),
+                           round_id=r.round_id, skipped=r.skipped) for r in rows]
+
+    def delete_sample(self, device: str, sample_id: str) -> bool:
+        """Forget one of the device's samples, its payload too unless another row shares it."""
+        with self.engine.begin() as conn:
+            sha = conn.execute(select(samples.c.payload_sha256).where(
+                samples.c.device == device, samples.c.sample_id == sample_id)).scalar()
+            if sha is None:
+                return False
+            conn.execute(delete(samples).where(samples.c.device == device,
+                                               samples.c.sample_id == sample_id))
+            shared = conn.execute(select(func.count()).select_from(samples)
+                                  .where(samples.c.payload_sha256 == sha)).scalar_one()
+        if not shared:
+            self.blobs.delete(sha)
+        return True
 
     def unused_samples(self, device: str, limit: int | None = None) -> list[UplinkSample]:
-        """Samples no finished round has used, oldest first, loaded (and verified) from blobs."""
-        query = (select(samples.c.payload_sha256)
-                 .where(samples.c.device == device, samples.c.round_id.is_(None))
-                 .order_by(samples.c.id).limit(limit))
+        """Usable samples no finished round has learned from, oldest first; see load_usable."""
+        return self.load_usable(device, limit, lambda _s: None)[0]
+
+    def load_usable(self, device: str, limit: int | None, problem) -> tuple[list[UplinkSample], dict[str, str]]:
+        """Load up to ``limit`` unused samples, skipping (and marking, so no round retries them)
+        any that cannot be read back or that ``problem(sample) -> reason | None`` refuses.
+        Returns (samples, {sample_id: reason})."""
+        query = (select(samples.c.sample_id, samples.c.payload_sha256)
+                 .where(samples.c.device == device, samples.c.round_id.is_(None),
+                        samples.c.skipped.is_(None))
+                 .order_by(samples.c.id))
         with self.engine.connect() as conn:
-            shas = list(conn.execute(query).scalars())
-        return [UplinkSample.model_validate_json(self.blobs.get(sha)) for sha in shas]
+            rows = conn.execute(query).all()
+        good: list[UplinkSample] = []
+        skipped: dict[str, str] = {}
+        for row in rows:
+            if limit is not None and len(good) >= limit:
+                break
+            reason = self._why_unusable(row.payload_sha256, problem, good)
+            if reason is not None:
+                skipped[row.sample_id] = reason[:200]
+        if skipped:
+            with self.engine.begin() as conn:
+                for sid, reason in skipped.items():
+                    conn.execute(update(samples).where(samples.c.device == device,
+                                                       samples.c.sample_id == sid).values(skipped=reason))
+        return good, skipped
+
+    def _why_unusable(self, sha: str, problem, good: list[UplinkSample]) -> str | None:
+        try:
+            sample = UplinkSample.model_validate_json(self.blobs.get(sha))
+        except (OSError, ValidationError) as exc:
+            return f"unreadable: {str(exc).splitlines()[0][:150]}"
+        reason = problem(sample)
+        if reason is None:
+            good.append(sample)
+        return reason
 
     # --- rounds -------------------------------------------------------------------------------
     def create_round(self, device: str, request: RoundRequest) -> RoundStatus:
+        """A queued round; raises :class:`ActiveRound` if the device already has one."""
         round_id = secrets.token_hex(8)
         row = {"id": round_id, "device": device, "base_model": request.base_model,
                "state": "queued", "stage": "queued", "progress": 0.0, "message": "",
                "n_samples": 0, "options": request.options.model_dump(mode="json"), "metrics": {},
-               "created_at": utcnow()}
-        with self.engine.begin() as conn:
-            conn.execute(insert(rounds).values(**row))
+               "created_at": utcnow(), "attempts": 0, "cancel_requested": False}
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(rounds).values(**row))
+        except IntegrityError:
+            active = self.active_round(device)
+            raise ActiveRound(active or "?") from None
         return self.get_round(round_id)
+
+    def active_round(self, device: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(rounds.c.id).where(
+                rounds.c.device == device, rounds.c.state.in_(ACTIVE_STATES))).scalar()
+
+    def rounds_created_since(self, device: str, since: datetime) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(rounds).where(
+                rounds.c.device == device, rounds.c.created_at >= since)).scalar_one()
 
     def get_round(self, round_id: str, device: str | None = None) -> RoundStatus | None:
         """A round's status; with ``device`` given, another device's round reads as missing."""
@@ -317,7 +352,7 @@ class Store:
         row = self._round_row(round_id, device)
         if row is None or row.patch_path is None:
             return None
-        return PatchFile(Path(row.patch_path), row.patch_sha256, row.patch_bytes)
+        return PatchFile(row.patch_sha256, row.patch_bytes)
 
     def _round_row(self, round_id: str, device: str | None = None):
         query = select(rounds).where(rounds.c.id == round_id)
@@ -326,23 +361,31 @@ class Store:
         with self.engine.connect() as conn:
             return conn.execute(query).first()
 
-    def transition(self, round_id: str, expected: Collection[str], state: str, **fields: Any) -> bool:
-        """Compare-and-set the state: succeeds only if the round is still in ``expected``.
-        This is what makes a cancel racing a finishing worker resolve to exactly one outcome."""
+    def transition(self, round_id: str, expected: Collection[str], state: str,
+                   owner: str | None = None, **fields: Any) -> bool:
+        """Compare-and-set the state: succeeds only if the round is still in ``expected`` (and,
+        with ``owner``, still held by that worker).  This is what makes a cancel racing a
+        finishing worker, or two workers after a lost lease, resolve to exactly one outcome."""
+        guard = [rounds.c.id == round_id, rounds.c.state.in_(list(expected))]
+        if owner is not None:
+            guard.append(rounds.c.worker == owner)
         values = {"state": state, **fields}
+        if state not in ACTIVE_STATES:
+            values.setdefault("lease_until", None)
         with self.engine.begin() as conn:
-            result = conn.execute(update(rounds).where(
-                rounds.c.id == round_id, rounds.c.state.in_(list(expected))).values(**values))
+            result = conn.execute(update(rounds).where(*guard).values(**values))
         return result.rowcount == 1
 
     def complete_round(self, round_id: str, device: str, sample_ids: Collection[str],
-                       **fields: Any) -> bool:
+                       owner: str | None = None, **fields: Any) -> bool:
         """running -> done and mark its samples used, in one transaction: a crash can never leave
         samples consumed by a round that did not finish (or a finished round with samples free)."""
-        values = {"state": "done", **fields}
+        guard = [rounds.c.id == round_id, rounds.c.state == "running"]
+        if owner is not None:
+            guard.append(rounds.c.worker == owner)
         with self.engine.begin() as conn:
-            result = conn.execute(update(rounds).where(
-                rounds.c.id == round_id, rounds.c.state == "running").values(**values))
+            result = conn.execute(update(rounds).where(*guard).values(
+                state="done", lease_until=None, **fields))
             if result.rowcount != 1:
                 return False
             conn.execute(update(samples).where(
@@ -350,17 +393,94 @@ class Store:
                 samples.c.round_id.is_(None)).values(round_id=round_id))
         return True
 
-    def update_round(self, round_id: str, **fields: Any) -> None:
-        """Progress fields only; state changes go through :meth:`transition`."""
+    def update_round(self, round_id: str, owner: str | None = None, **fields: Any) -> bool:
+        """Progress fields only; state changes go through :meth:`transition`.  With ``owner``,
+        a worker that lost its lease cannot overwrite the new holder's progress."""
         if "state" in fields:
             raise ValueError("use transition() to change a round's state")
+        guard = [rounds.c.id == round_id]
+        if owner is not None:
+            guard += [rounds.c.worker == owner, rounds.c.state == "running"]
         with self.engine.begin() as conn:
-            conn.execute(update(rounds).where(rounds.c.id == round_id).values(**fields))
+            return conn.execute(update(rounds).where(*guard).values(**fields)).rowcount == 1
 
     def rounds_in(self, states: Collection[str]) -> list[str]:
         with self.engine.connect() as conn:
             return list(conn.execute(select(rounds.c.id).where(
                 rounds.c.state.in_(list(states)))).scalars())
+
+    # --- the round queue (workers) --------------------------------------------------------------
+    def claim_round(self, worker: str, lease_s: float) -> str | None:
+        """Atomically take the oldest queued round (all devices, by creation time: fair by age,
+        since each device has at most one).  PostgreSQL locks the candidate row with
+        ``FOR UPDATE SKIP LOCKED`` so concurrent workers pick different rows; SQLite has one
+        writer at a time and the compare-and-set update settles any race."""
+        skip_locked = self.engine.dialect.name == "postgresql"
+        for _ in range(20):
+            now = utcnow()
+            with self.engine.begin() as conn:
+                query = (select(rounds.c.id).where(rounds.c.state == "queued")
+                         .order_by(rounds.c.created_at, rounds.c.id).limit(1))
+                if skip_locked:
+                    query = query.with_for_update(skip_locked=True)
+                rid = conn.execute(query).scalar()
+                if rid is None:
+                    return None
+                won = conn.execute(update(rounds).where(
+                    rounds.c.id == rid, rounds.c.state == "queued").values(
+                    state="running", worker=worker, lease_until=now + timedelta(seconds=lease_s),
+                    attempts=rounds.c.attempts + 1, started_at=now, stage="loading samples",
+                    progress=0.0)).rowcount
+            if won == 1:
+                return rid
+        return None
+
+    def heartbeat(self, round_id: str, worker: str, lease_s: float) -> bool | None:
+        """Extend the lease.  Returns whether the device asked to cancel, or None if the round
+        is no longer this worker's (its lease expired and it was re-queued or failed)."""
+        until = utcnow() + timedelta(seconds=lease_s)
+        with self.engine.begin() as conn:
+            if conn.execute(update(rounds).where(
+                    rounds.c.id == round_id, rounds.c.worker == worker,
+                    rounds.c.state == "running").values(lease_until=until)).rowcount != 1:
+                return None
+            return bool(conn.execute(select(rounds.c.cancel_requested)
+                                     .where(rounds.c.id == round_id)).scalar())
+
+    def request_cancel(self, round_id: str) -> bool:
+        return self.update_round(round_id, cancel_requested=True, message="cancel requested")
+
+    def expire_leases(self, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Running rounds whose worker stopped heartbeating: re-queue them (oldest first keeps
+        their place) until ``max_attempts`` tries, then fail them with the reason."""
+        now = utcnow()
+        with self.engine.connect() as conn:
+            stale = conn.execute(select(rounds.c.id, rounds.c.attempts, rounds.c.worker).where(
+                rounds.c.state == "running", rounds.c.lease_until < now)).all()
+        requeued, failed = [], []
+        for rid, attempts, worker in stale:
+            lost = f"its worker {worker} stopped heartbeating"
+            with self.engine.begin() as conn:
+                guard = [rounds.c.id == rid, rounds.c.state == "running", rounds.c.lease_until < now]
+                if attempts < max_attempts and not self._cancel_flag(conn, rid):
+                    values = dict(state="queued", worker=None, lease_until=None, stage="queued",
+                                  progress=0.0, message=f"re-queued: {lost}")
+                    target = requeued
+                else:
+                    values = dict(state="failed", lease_until=None, finished_at=now,
+                                  message=f"failed: {lost} (attempt {attempts} of {max_attempts})")
+                    target = failed
+                if conn.execute(update(rounds).where(*guard).values(**values)).rowcount == 1:
+                    target.append(rid)
+        return requeued, failed
+
+    @staticmethod
+    def _cancel_flag(conn, rid: str) -> bool:
+        return bool(conn.execute(select(rounds.c.cancel_requested).where(rounds.c.id == rid)).scalar())
+
+
+def _device_row(row) -> DeviceRow:
+    return DeviceRow(row.name, _aware(row.created_at), revoked=row.token_sha256 is None)
 
 
 def _round_status(row) -> RoundStatus:
@@ -373,11 +493,13 @@ def _round_status(row) -> RoundStatus:
 
 
 def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Runners return numpy/torch scalars; the JSON column needs plain values."""
+    """Runners return numpy/torch scalars; the JSON column needs plain values (and finite ones:
+    a NaN loss is reported as a string rather than breaking the status endpoint)."""
     def fallback(value: Any) -> Any:
         try:
             return float(value)
         except (TypeError, ValueError):
             return str(value)
 
-    return json.loads(json.dumps(metrics, default=fallback))
+    text = json.dumps(metrics, default=fallback)
+    return json.loads(text, parse_constant=str)

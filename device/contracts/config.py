@@ -66,6 +66,19 @@ class Settings(BaseSettings):
     db_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under <home>/cloud")
     max_upload_bytes: int = Field(8 << 20, description="largest accepted upload request")
     max_model_bytes: int = Field(8 << 30, description="largest accepted model-file upload (one GGUF file)")
+    # cloud limits (issue 11/13): what one device or one request may cost the server
+    max_concurrent_uploads: int = Field(8, ge=1, description="request bodies read at once; more wait, then 503")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this (model files: per chunk)")
+    max_round_steps: int = Field(2000, ge=1, description="largest `steps` a round may ask for")
+    max_round_samples: int = Field(1024, ge=1, description="most samples one round learns from")
+    max_round_seconds: float = Field(3600.0, gt=0, description="wall time after which a running round is failed")
+    rounds_per_hour: int = Field(30, ge=1, description="rounds one device may create per hour")
+    round_lease_s: float = Field(60.0, gt=0, description="a worker that misses heartbeats this long loses its round")
+    round_attempts: int = Field(2, ge=1, description="times a round is tried before a lost lease fails it")
+    staging_max_age_s: float = Field(86400.0, gt=0, description="model-upload staging older than this is swept")
+    staging_per_device: int = Field(2, ge=1, description="half-uploaded models one device may park")
+    keep_round_models: int = Field(3, ge=1, description="per device: models and patches of its last N rounds kept")
+    blob_url: str | None = Field(None, description="fsspec URL for samples/patches; default <home>/cloud/blobs")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -26,7 +26,9 @@ ROUND_INTERRUPTED = "interrupted"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: NaN, Infinity and overflowing literals such as 1e400 (which JSON
+    # parsers turn into inf) are refused at validation, naming the field, on both sides.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class VisualTokens(_Strict):
@@ -90,6 +92,28 @@ class UploadResponse(_Strict):
 class SampleCounts(_Strict):
     total: int = Field(ge=0, description="samples this device has uploaded")
     unused: int = Field(ge=0, description="samples no finished round has learned from yet")
+
+
+class SampleInfo(_Strict):
+    """One stored sample as its device sees it (``GET /v1/samples``); no payload."""
+
+    sample_id: str = Field(pattern=SAMPLE_ID_PATTERN)
+    bytes: int = Field(ge=0)
+    created_at: datetime
+    round_id: str | None = Field(None, description="the finished round that learned from it")
+    skipped: str | None = Field(None, description="why a round could not use it (never retried)")
+
+
+class SampleList(_Strict):
+    """A page of a device's samples, oldest first; pass ``next_after`` as ``after`` for more."""
+
+    samples: list[SampleInfo]
+    next_after: str | None = None
+
+
+class SampleDeleted(_Strict):
+    sample_id: str = Field(pattern=SAMPLE_ID_PATTERN)
+    deleted: bool = True
 
 
 class RoundOptions(_Strict):

@@ -242,13 +242,14 @@ def test_runner_without_patch_fails(client: TestClient, auth, runner) -> None:
 
 
 def test_cancel_running_and_queued_rounds(client: TestClient, auth, runner) -> None:
-    h = auth("lap")
+    h, other = auth("lap"), auth("phone")
     client.post("/v1/samples", json=upload_body(1), headers=h)
+    client.post("/v1/samples", json=upload_body(2), headers=other)
     running = start_round(client, h)["round_id"]
-    queued = start_round(client, h)["round_id"]  # waits behind the first: one worker
     assert runner.started.wait(5)
+    queued = start_round(client, other)["round_id"]  # waits behind the first: one worker
 
-    r = client.post(f"/v1/rounds/{queued}/cancel", headers=h).json()
+    r = client.post(f"/v1/rounds/{queued}/cancel", headers=other).json()
     assert r["state"] == "cancelled"
     client.post(f"/v1/rounds/{running}/cancel", headers=h)
     end = wait_for(status_of(client, h, running), lambda s: s["state"] != "running")
@@ -256,6 +257,41 @@ def test_cancel_running_and_queued_rounds(client: TestClient, auth, runner) -> N
     assert len(runner.seen) == 1  # the cancelled queued round never ran
     assert client.get("/v1/samples/count", headers=h).json()["unused"] == 1
     assert client.post(f"/v1/rounds/{running}/cancel", headers=h).status_code == 409
+
+
+def test_one_active_round_per_device_is_409_naming_it(client: TestClient, auth, runner) -> None:
+    h = auth("lap")
+    client.post("/v1/samples", json=upload_body(1, 2), headers=h)
+    first = start_round(client, h)["round_id"]
+    for _ in range(5):  # queued or running: every further request is refused, none is queued
+        r = client.post("/v1/rounds", json={"base_model": "m0"}, headers=h)
+        assert r.status_code == 409 and first in r.json()["detail"]
+    assert [s["round_id"] for s in client.get("/v1/rounds", headers=h).json()] == [first]
+    runner.gate.set()
+    wait_for(status_of(client, h, first), lambda s: s["state"] == "done")
+
+
+def test_round_caps_and_rate_limit(tmp_path: Path, runner: GatedRunner) -> None:
+    settings = load_settings(home=tmp_path, max_round_steps=500, max_round_samples=8,
+                             rounds_per_hour=2)
+    app = create_app(settings, round_runner=runner)
+    c = TestClient(app)
+    h = {"Authorization": f"Bearer {app.state.store.add_device('lap')}"}
+    c.post("/v1/samples", json=upload_body(*range(20)), headers=h)
+    r = c.post("/v1/rounds", json={"base_model": "m0", "options": {"steps": 1_000_000}}, headers=h)
+    assert r.status_code == 422 and "options.steps" in r.json()["detail"] and "500" in r.json()["detail"]
+    runner.gate.set()
+    rid = start_round(c, h, max_samples=None)["round_id"]
+    wait_for(status_of(c, h, rid), lambda s: s["state"] == "done")
+    assert len(runner.seen[-1].samples) == 8  # "all" means the cloud's cap
+    rid = start_round(c, h, max_samples=9)["round_id"]  # an "up to": clamped to the cap
+    wait_for(status_of(c, h, rid), lambda s: s["state"] == "done")
+    assert len(runner.seen[-1].samples) == 8
+    wait_for(status_of(c, h, rid), lambda s: s["state"] == "done")
+    r = c.post("/v1/rounds", json={"base_model": "m0"}, headers=h)
+    assert r.status_code == 429 and r.headers["retry-after"] and "rounds_per_hour" in r.json()["detail"]
+    app.state.rounds.shutdown()
+    app.state.store.close()
 
 
 def test_devices_are_isolated(client: TestClient, auth, runner) -> None:
@@ -283,17 +319,28 @@ def test_no_runner_is_501(tmp_path: Path) -> None:
     app.state.rounds.shutdown()
 
 
-def test_interrupted_rounds_are_failed_on_restart(tmp_path: Path) -> None:
-    settings = load_settings(home=tmp_path)
+def test_round_interrupted_by_a_restart_is_requeued_and_runs(tmp_path: Path) -> None:
+    """The round's worker died with the server: once its lease runs out the round goes back in
+    line (it keeps its place) and the next worker runs it; nothing is lost."""
+    settings = load_settings(home=tmp_path, round_lease_s=0.3)
     store = Store(settings)
     store.add_device("lap")
+    store.add_samples("lap", [make_sample(1)])
     rid = store.create_round("lap", RoundRequest(base_model="m0")).round_id
-    store.transition(rid, {"queued"}, "running")
+    assert store.claim_round("dead-worker", lease_s=0.3) == rid
     store.close()
-    app = create_app(settings, round_runner=GatedRunner())
-    status = app.state.store.get_round(rid)
-    assert status.state == "failed" and "restarted" in status.message
-    app.state.rounds.shutdown()
+    time.sleep(0.4)
+    runner = GatedRunner()
+    runner.gate.set()
+    app = create_app(settings, round_runner=runner)
+    try:
+        status = wait_for(lambda: app.state.store.get_round(rid).model_dump(),
+                          lambda s: s["state"] == "done")
+        assert status["n_samples"] == 1 and len(runner.seen) == 1
+        assert app.state.store.sample_counts("lap").unused == 0
+    finally:
+        app.state.rounds.shutdown()
+        app.state.store.close()
 
 
 # --- device models: content-addressed, shared, streamed uploads ---------------------------------
@@ -366,12 +413,15 @@ def test_model_hash_mismatch_is_422_and_registers_nothing(app, client: TestClien
 
 
 def test_models_are_shared_between_devices(client: TestClient, auth, tmp_path) -> None:
-    """Content-addressed: another device's token may upload and see the same model id."""
+    """Content-addressed: another device's token sees (and need not re-send) the same model."""
     a, b = auth("lap"), auth("phone")
     mid, files = model_files(tmp_path)
     put_file(client, mid, "model", files["model"].read_bytes(), a)
     r = put_file(client, mid, "mmproj", files["mmproj"].read_bytes(), b)
+    assert r.json()["complete"] is False  # b's staging is b's own: a's half is not b's
+    r = put_file(client, mid, "mmproj", files["mmproj"].read_bytes(), a)
     assert r.json()["complete"] is True
+    assert put_file(client, mid, "model", b"skipped", b).json()["complete"] is True
     for h in (a, b):
         assert client.get(f"/v1/models/{mid}", headers=h).json()["present"] is True
     # knowing the id opens nothing else: b sees none of a's samples or rounds
@@ -419,3 +469,130 @@ def test_model_uploads_have_their_own_size_limit(tmp_path: Path) -> None:
     assert not any(p.name.endswith(".part") for p in (tmp_path / "cloud" / "incoming").iterdir())
     app.state.rounds.shutdown()
     app.state.store.close()
+
+
+def test_another_device_cannot_disturb_an_upload_in_progress(app, client: TestClient, auth,
+                                                            tmp_path) -> None:
+    """Issue 11, item 6: a wrong file from b under the same id used to discard a's staging."""
+    a, b = auth("lap"), auth("mallory")
+    mid, files = model_files(tmp_path)
+    assert put_file(client, mid, "model", files["model"].read_bytes(), a).json()["complete"] is False
+    assert put_file(client, mid, "model", b"junk", b).status_code == 200
+    assert put_file(client, mid, "mmproj", b"more junk", b).status_code == 422  # b's own mismatch
+    r = put_file(client, mid, "mmproj", files["mmproj"].read_bytes(), a)
+    assert r.status_code == 200 and r.json()["complete"] is True
+    assert app.state.registry.get(mid) is not None and leftovers(tmp_path) == []
+
+
+def test_staging_is_capped_per_device_and_swept_when_stale(app, client: TestClient, auth,
+                                                          tmp_path) -> None:
+    a, b = auth("lap"), auth("phone")
+    registry = app.state.registry
+    for i in range(5):  # invented ids: each parks one file
+        put_file(client, f"{i:02d}" * 16, "model", b"x" * 100, a)
+    put_file(client, "ff" * 16, "model", b"y" * 100, b)
+    assert len(registry.stagings("lap")) == registry.per_device == 2
+    assert len(registry.stagings("phone")) == 1  # a's churn never evicts b's staging
+    assert registry.sweep(max_age_s=3600) == 0
+    assert registry.sweep(max_age_s=0) == 3 and registry.stagings() == []
+
+
+# --- issue 11, item 2: poison pills -------------------------------------------------------------
+
+def png_bytes(seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def raw_upload(client: TestClient, h: dict[str, str], text: str):
+    return client.post("/v1/samples", content=text.encode(),
+                       headers={**h, "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+@pytest.mark.parametrize("field,loc", [("score", "score"), ("ood_score", "ood_score"),
+                                       ("entropy", "tokens.entropy.0")])
+def test_non_finite_numbers_are_422_naming_the_field(client: TestClient, auth, app, literal,
+                                                     field, loc) -> None:
+    """Python's json turns 1e400 into inf and accepts NaN; none of it may reach the store."""
+    import re
+
+    h = auth("lap")
+    body = make_sample(1).model_dump_json()
+    if field == "entropy":
+        body = body.replace('"entropy":[2.5]', f'"entropy":[{literal}]')
+    else:
+        body = re.sub(f'"{field}":[^,}}]+', f'"{field}":{literal}', body)
+    assert literal in body
+    r = raw_upload(client, h, '{"samples":[' + body + "]}")
+    assert r.status_code == 422
+    assert r.json()["detail"] == f"invalid request: body.samples.0.{loc}: Input should be a finite number"
+    assert app.state.store.sample_counts("lap").total == 0  # nothing stored
+
+
+@pytest.mark.parametrize("image,fmt,why", [
+    (b"definitely not an image", "png", "not a decodable image"),
+    (png_bytes()[:40], "png", "not a decodable image"),  # truncated
+    (png_bytes(), "jpeg", "image_format says jpeg"),
+])
+def test_undecodable_image_is_422_naming_the_field(client: TestClient, auth, app, image, fmt,
+                                                   why) -> None:
+    h = auth("lap")
+    good = make_sample(1).model_copy(update={"image": png_bytes(), "image_format": "png"})
+    bad = make_sample(2).model_copy(update={"image": image, "image_format": fmt})
+    body = {"samples": [good.model_dump(mode="json"), bad.model_dump(mode="json")]}
+    r = client.post("/v1/samples", json=body, headers=h)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "body.samples.1.image" in detail and why in detail and "0000000000000002" in detail
+    assert "\n" not in detail
+    assert app.state.store.sample_counts("lap").total == 0  # the batch is refused whole
+    assert client.post("/v1/samples", json={"samples": [body["samples"][0]]}, headers=h).status_code == 200
+
+
+def test_round_skips_and_reports_samples_it_cannot_use(client: TestClient, auth, app,
+                                                       runner: GatedRunner) -> None:
+    """A poisoned sample that is already stored (from before the door checks, or a blob that
+    rotted) no longer wedges the device: the round skips it, says so, and later rounds work."""
+    h = auth("lap")
+    store = app.state.store
+    poisoned = make_sample(9).model_copy(update={"image": b"\x89PNG garbage", "image_format": "png"})
+    store.add_samples("lap", [poisoned])  # behind the door's back
+    client.post("/v1/samples", json=upload_body(1, 2), headers=h)
+    runner.gate.set()
+    rid = start_round(client, h)["round_id"]
+    done = wait_for(status_of(client, h, rid), lambda s: s["state"] in ("done", "failed"))
+    assert done["state"] == "done" and done["n_samples"] == 2
+    assert done["metrics"]["skipped_samples"] == {"count": 1, "reasons": {"image": 1}}
+    assert [s.sample_id for s in runner.seen[0].samples] == ["0000000000000001", "0000000000000002"]
+    listed = client.get("/v1/samples", headers=h).json()["samples"]
+    assert [(s["sample_id"][-1], s["round_id"] is not None, bool(s["skipped"])) for s in listed] == [
+        ("9", False, True), ("1", True, False), ("2", True, False)]
+    # only poison left: the round is refused up front instead of failing
+    assert client.get("/v1/samples/count", headers=h).json() == {"total": 3, "unused": 0}
+    assert client.post("/v1/rounds", json={"base_model": "m0"}, headers=h).status_code == 409
+
+
+def test_device_lists_and_deletes_its_own_samples(client: TestClient, auth) -> None:
+    a, b = auth("lap"), auth("phone")
+    client.post("/v1/samples", json=upload_body(1, 2, 3), headers=a)
+    client.post("/v1/samples", json=upload_body(1), headers=b)
+    page = client.get("/v1/samples?limit=2", headers=a).json()
+    assert [s["sample_id"][-1] for s in page["samples"]] == ["1", "2"]
+    rest = client.get(f"/v1/samples?after={page['next_after']}", headers=a).json()
+    assert [s["sample_id"][-1] for s in rest["samples"]] == ["3"] and rest["next_after"] is None
+    r = client.delete("/v1/samples/0000000000000002", headers=a)
+    assert r.status_code == 200 and r.json() == {"sample_id": "0000000000000002", "deleted": True}
+    assert client.delete("/v1/samples/0000000000000002", headers=a).status_code == 404
+    assert client.delete("/v1/samples/not-hex", headers=a).status_code == 422
+    assert client.delete("/v1/samples/0000000000000003", headers=b).status_code == 404  # not b's
+    assert client.get("/v1/samples/count", headers=a).json()["total"] == 2
+    assert client.get("/v1/samples/count", headers=b).json()["total"] == 1
+    assert client.get("/v1/samples").status_code == 401
