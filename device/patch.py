@@ -1,11 +1,11 @@
 """Device side of the DWC downlink: check a patch against the exact files it targets, then write it.
 
 Everything that can refuse a patch is checked by ``plan_patch`` BEFORE any byte is written, so a
-refused patch leaves the device untouched. Writing happens only into a fresh copy owned by
-``device.versions.VersionStore`` (never into the running model's files): in-place GGUF writes are
-not crash-safe, copies plus an atomic pointer switch are. ``apply_to_files`` is the in-place
-variant for scratch copies (the cloud's preview); the durable-file primitives used by the store
-(clone with reflink/copy_file_range, fsync'd writes, dir fsync) live at the bottom.
+refused patch leaves the device untouched. On the device the bytes are written in place by
+``device.versions.VersionStore`` under a write-ahead undo journal (``device/journal.py``), which is
+what makes in-place writes crash-safe. ``apply_to_files`` is the unjournaled variant for scratch
+copies (the cloud's preview); the durable-file primitives used by the store (clone with
+reflink/copy_file_range, fsync'd writes, dir fsync) live at the bottom.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def _check_data_hashes(patch: Patch, files: Mapping[str, Path]) -> None:
 
 
 def write_placements(path: Path, placements: Sequence[Placement], crash_hook=None) -> int:
-    """Write payloads into ``path`` (a private copy) and fsync it; returns the bytes written.
+    """Write payloads into ``path`` (a scratch copy) and fsync it; returns the bytes written.
 
     ``crash_hook(step)`` lets the crash tests kill the process between two writes.
     """

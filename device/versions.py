@@ -1,27 +1,27 @@
-"""Versioned model store: every patch makes a new immutable version; CURRENT names the live one.
+"""Versioned model store: one live copy of the model, patched in place; versions are delta records.
 
 Layout (one store per model)::
 
-    <device_dir>/models/<name>/CURRENT          "v3\\n": the active version (the commit point)
-    <device_dir>/models/<name>/versions.json    log of committed versions (+ the next free number)
-    <device_dir>/models/<name>/v<N>/            model.gguf [mmproj.gguf] version.json (its own record)
+    <device_dir>/models/<name>/CURRENT        "v3\\n": the version the live files hold (the commit point)
+    <device_dir>/models/<name>/versions.json  log of versions (+ the next free number, + a stat
+                                              fingerprint of the live files, see ``check``)
+    <device_dir>/models/<name>/live/          model.gguf [mmproj.gguf]: what llama.cpp memory-maps
+    <device_dir>/models/<name>/undo/v<N>.delta  old + new bytes of every span v<N> changed
+    <device_dir>/models/<name>/JOURNAL        only while a switch is in flight (device/journal.py)
 
-Why copies: llama.cpp memory-maps the model and in-place writes are not crash-safe, so a patch is
-written into a private copy of the files it touches (reflink when the filesystem can, else a
-kernel-side copy_file_range); files it does not touch are hard-linked (safe: committed files are
-never written again, and are made read-only to keep it so). The base is COPIED in, never linked:
-the store must own bytes that nobody outside it can change.
+Why in place: a full copy per version costs O(model) time and disk (4.8 s and 1 GiB per version of
+a 1 GiB model); a patch changes kilobytes. The write-ahead journal (device/journal.py) makes the
+in-place write crash-safe on any filesystem: old and new bytes are durable before the live file is
+touched, CURRENT is the commit record, recovery on start rolls a torn switch back or forward.
+Any version whose delta chain to the current one is kept can be switched to (back AND forward);
+``prune`` drops the versions beyond a retention count together with their records.
 
-Cost (measured on ext4, 2 cores; no reflink there): apply = verify + clone of the touched file
-(with fsync) + a patch-sized write + sha256 of the new file for the log + 4 fsyncs to commit.
-A 128 KiB patch: 16 MiB model ~70 ms; 256 MiB ~430 ms (copy 223, hash 197, write 0.7); 1 GiB
-~4.8 s (copy+fsync 3.9 s, hash 0.8 s, write 0.7 ms). So it is O(file), not O(patch), unless the
-filesystem reflinks; the price buys an untouched parent for rollback and a never-torn live model.
-
-Atomicity: a version directory is built under ``.staging-v<N>`` and renamed into place only when
-complete and fsynced; CURRENT is replaced atomically (tmp + fsync + rename + dir fsync) and is
-the single commit point; versions.json is updated after it. ``recover()`` deletes staging dirs and
-any ``v<N>`` that is neither CURRENT nor logged, and re-logs a CURRENT the log missed.
+The store knows the sha256 each version's files must have. ``check`` proves the live files are those
+bytes before they are loaded: a (inode, size, mtime, ctime) fingerprint taken right after the
+store's own write avoids re-hashing on every start; any other change to the file (it was replaced,
+copied over, edited) changes the fingerprint (ctime cannot be set from user space), and the file is
+re-hashed and refused if it differs. llama.cpp memory-maps the live file: close or reload the
+runtime around an apply (``before_write`` is called right before the first in-place byte).
 """
 from __future__ import annotations
 
@@ -31,25 +31,24 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from gguf import GGUFReader
 
-from device.contracts.patch_format import read_patch
-from device.patch import (
-    clone_file, fcntl, fsync_dir, plan_patch, sha256_file, verify_written, write_durable, write_placements,
-)
+from device import journal as jr
+from device.contracts.patch_format import PatchError, read_patch
+from device.patch import clone_file, fcntl, fsync_dir, plan_patch, sha256_file, verify_written, write_durable
 
 CRASH_ENV = "CDCCA_CRASH_AT"
 FILE_NAMES = {"model": "model.gguf", "mmproj": "mmproj.gguf"}
-RECORD = "version.json"
+DEFAULT_KEEP = 20  # versions kept by prune(): records are ~2x a patch, so history is cheap
 
 
 class VersionError(RuntimeError):
-    """The store cannot do what was asked (no version, no parent, a file's bytes changed)."""
+    """The store cannot do what was asked (no version, no path to it, a file's bytes changed)."""
 
 
 def crash_point(step: str) -> None:
@@ -68,7 +67,7 @@ class FileRecord:
 
 @dataclass(frozen=True)
 class Version:
-    """One immutable model state; ``files`` pins every file by sha256 so rollback can prove it."""
+    """One model state; ``files`` pins every file by sha256 so a switch can prove it."""
 
     id: str
     parent: str | None
@@ -92,7 +91,7 @@ class Version:
 
 @dataclass(frozen=True)
 class VersionPaths:
-    """What the runtime loads; it hot-reloads from these after an apply or rollback."""
+    """What the runtime loads; it hot-reloads from these after an apply or switch."""
 
     model: Path
     mmproj: Path | None = None
@@ -106,16 +105,17 @@ class ApplyResult:
     version: Version
     paths: VersionPaths
     seconds: float
-    bytes_written: int  # payload bytes written into the new version (besides the copy)
-    bytes_copied: int  # bytes cloned so that the parent stays intact for rollback
-    copy_method: str  # reflink / copy_file_range / copyfile (how the clone was made)
-    timings: dict[str, float] = field(default_factory=dict)  # verify/copy/write/check/commit
+    bytes_written: int  # bytes written into the live files (== the patch payload)
+    bytes_copied: int  # always 0 now: no copy of the model is made
+    copy_method: str  # "in-place"
+    timings: dict[str, float] = field(default_factory=dict)  # verify/journal/write/hash/commit
+    journal_bytes: int = 0  # the delta record kept for rollback (old + new bytes + header)
 
 
 @dataclass(frozen=True)
 class RecoverReport:
     removed: tuple[str, ...]
-    relogged: tuple[str, ...]
+    relogged: tuple[str, ...]  # versions whose torn switch was rolled back or forward
 
 
 class VersionStore:
@@ -124,178 +124,314 @@ class VersionStore:
     def __init__(self, root: str | os.PathLike, name: str = "default") -> None:
         self.dir = Path(root) / name
         self.name = name
+        self.live = self.dir / "live"
+        self.undo = self.dir / "undo"
 
     # ------------------------------------------------------------ queries
     def installed(self) -> bool:
-        """True once a base has been committed (CURRENT exists)."""
         return (self.dir / "CURRENT").is_file()
 
     def current(self) -> Version:
-        """The active version (readable without the lock: CURRENT only ever changes by rename)."""
         try:
             vid = (self.dir / "CURRENT").read_text().strip()
         except FileNotFoundError:
             raise VersionError(f"{self.dir}: no model installed") from None
-        return self._record(vid)
+        return self.version(vid)
+
+    def version(self, vid: str) -> Version:
+        v = self._load_log()["versions"].get(vid)
+        if v is None:
+            raise VersionError(f"{self.dir}: unknown version {vid!r}")
+        return v
 
     def list(self) -> list[Version]:
         return sorted(self._load_log()["versions"].values(), key=lambda v: v.number)
 
-    def paths(self, version: Version | str) -> VersionPaths:
-        v = self._record(version) if isinstance(version, str) else version
-        d = self.dir / v.id
-        return VersionPaths(d / FILE_NAMES["model"], d / FILE_NAMES["mmproj"] if "mmproj" in v.files else None)
+    def paths(self, version: Version | str | None = None) -> VersionPaths:
+        """The live files; only the current version has files (switch to another one first)."""
+        vid = version.id if isinstance(version, Version) else version
+        cur = self.current()
+        if vid is not None and vid != cur.id:
+            raise VersionError(f"{self.dir}: {vid} is not the current version ({cur.id}); switch to it first")
+        return VersionPaths(self.live / FILE_NAMES["model"],
+                            self.live / FILE_NAMES["mmproj"] if "mmproj" in cur.files else None)
 
-    # ------------------------------------------------------------ install / apply / rollback
+    def check(self) -> Version:
+        """Prove the live files hold the current version's bytes before anyone loads them."""
+        cur = self.current()
+        fp = self._load_log().get("fingerprint", {})
+        for role, rec in cur.files.items():
+            p = self.live / FILE_NAMES[role]
+            if not p.is_file():
+                raise VersionError(f"{p}: missing; the store's {cur.id} cannot be loaded")
+            if fp.get(role) == _fingerprint(p, rec.sha256):
+                continue
+            if p.stat().st_size != rec.size or sha256_file(p) != rec.sha256:
+                raise VersionError(f"{p}: bytes differ from the record of {cur.id} (the file was replaced or "
+                                   "changed outside cdcca); refusing to load it")
+            self._save_fingerprint({role: p})
+        return cur
+
+    # ------------------------------------------------------------ install / apply / switch
     def install_base(self, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None,
                      note: str = "base") -> Version:
-        """Copy the base GGUF(s) in as v0 (copy, not link: see module docstring)."""
+        """Copy the base GGUF(s) in as v0 (a copy, not a link: the store must own its bytes)."""
         sources = {"model": Path(model_path), **({"mmproj": Path(mmproj_path)} if mmproj_path else {})}
         for role, src in sources.items():
             try:
                 GGUFReader(src, "r")
             except Exception as e:
-                raise VersionError(f"{src}: not a loadable GGUF {role} file ({e})") from None
+                raise VersionError(f"{src}: not a loadable GGUF {role} file ({str(e).splitlines()[0] if str(e) else e})") from None
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
             self._recover_locked()
             if self.installed():
                 raise VersionError(f"{self.dir}: already installed (current {self.current().id})")
-            staging = self._staging("v0")
+            shutil.rmtree(self.live, ignore_errors=True)
+            staging = self.dir / ".staging-live"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
             files = {}
             for role, src in sources.items():
                 clone_file(src, staging / FILE_NAMES[role])
+                os.chmod(staging / FILE_NAMES[role], 0o444)
                 files[role] = _file_record(staging / FILE_NAMES[role])
+            fsync_dir(staging)
+            os.rename(staging, self.live)
+            self.undo.mkdir(exist_ok=True)
+            fsync_dir(self.dir)
             v = Version("v0", None, "", _now(), files, 0, note)
-            return self._commit(staging, v, {"next": 1})
+            log = {"model": self.name, "next": 1, "versions": {"v0": v}}
+            self._save_log(log)
+            self._save_fingerprint(self.paths_for(v).roles(), files)
+            self._set_current("v0")
+            return v
 
-    def apply_patch(self, patch_path: str | os.PathLike) -> ApplyResult:
-        """Verify the patch fully, build v<N+1> from a copy, commit by switching CURRENT."""
+    def apply_patch(self, patch_path: str | os.PathLike,
+                    before_write: Callable[[], None] | None = None) -> ApplyResult:
+        """Verify the patch against the exact current version, then write it in place (journaled)."""
         laps = _Laps()
         with self._lock():
             self._recover_locked()
-            cur = self.current()
-            cur_files = self.paths(cur).roles()
+            cur = self.check()
+            files = self.paths_for(cur).roles()
             patch = read_patch(patch_path)
-            placements = plan_patch(patch, cur_files)  # every refusal happens here: nothing written yet
+            if patch.meta.parent_version and patch.meta.parent_version != cur.id:
+                raise PatchError(f"{patch.path}: built for version {patch.meta.parent_version}, the device is at "
+                                 f"{cur.id}; nothing written")
+            placements = plan_patch(patch, files)  # every refusal happens here: nothing written yet
             laps("verify")
             log = self._load_log()
-            staging = self._staging(f"v{log['next']}")
-            try:
-                touched = {p.entry.role for p in placements}
-                copied, method = self._populate(staging, cur, touched)
-                laps("copy")
-                crash_point("copy")
-                new_files = {r: staging / FILE_NAMES[r] for r in cur_files}
-                written = sum(write_placements(new_files[r], [p for p in placements if p.entry.role == r],
-                                               crash_point) for r in sorted(touched))
-                laps("write")
-                verify_written(patch, placements, new_files)
-                files = {r: _file_record(new_files[r]) if r in touched else cur.files[r] for r in cur_files}
-                laps("check")
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            v = Version(f"v{log['next']}", cur.id, patch.meta.round_id, _now(), files,
-                        patch.payload_bytes, patch.meta.note)
-            self._commit(staging, v, {"next": log["next"] + 1})
+            vid = f"v{log['next']}"
+            spans = []
+            for pl in placements:
+                with open(files[pl.entry.role], "rb") as f:
+                    f.seek(pl.file_offset)
+                    spans.append((pl.entry.role, pl.file_offset, f.read(pl.entry.nbytes), pl.payload))
+            delta = jr.make_delta(vid, cur.id, spans)
+            jbytes = jr.write_delta(self.undo / f"{vid}.delta", delta)
+            crash_point("undo")
+            v_stub = Version(vid, cur.id, patch.meta.round_id, _now(), cur.files, patch.payload_bytes, patch.meta.note)
+            jr.write_journal(self.dir / "JOURNAL", jr.Journal(cur.id, vid, ((vid, "redo"),), v_stub.to_json()))
+            crash_point("journal")
+            laps("journal")
+            if before_write is not None:
+                before_write()
+            written = self._write(files, delta, "redo")
+            crash_point("written")
+            verify_written(patch, placements, files)
+            laps("write")
+            touched = {s.role for s in delta.spans}
+            recs = {r: _file_record(files[r]) if r in touched else cur.files[r] for r in cur.files}
+            laps("hash")
+            v = Version(vid, cur.id, patch.meta.round_id, v_stub.created, recs, patch.payload_bytes, patch.meta.note)
+            log["versions"][vid] = v
+            log["next"] += 1
+            self._save_log(log)
+            crash_point("logged")
+            self._save_fingerprint({r: files[r] for r in touched}, recs)
+            self._set_current(vid)
+            crash_point("switched")
+            (self.dir / "JOURNAL").unlink()
+            fsync_dir(self.dir)
             laps("commit")
-        return ApplyResult(v, self.paths(v), laps.total, written, copied, method, dict(laps.times))
+        return ApplyResult(v, self.paths_for(v), laps.total, written, 0, "in-place", dict(laps.times), jbytes)
 
     def rollback(self) -> Version:
-        """Make the current version's parent current again, after proving its bytes by sha256."""
+        """Switch to the current version's parent."""
+        cur = self.current()
+        if cur.parent is None:
+            raise VersionError(f"{self.dir}: {cur.id} is the base; nothing to roll back to")
+        return self.switch(cur.parent)
+
+    def switch(self, target: str, before_write: Callable[[], None] | None = None) -> Version:
+        """Make any kept version current -- back or forward -- by replaying delta records."""
         with self._lock():
             self._recover_locked()
-            cur = self.current()
-            if cur.parent is None:
-                raise VersionError(f"{self.dir}: {cur.id} is the base; nothing to roll back to")
-            parent = self._record(cur.parent)
-            for role, path in self.paths(parent).roles().items():
-                if not path.is_file() or sha256_file(path) != parent.files[role].sha256:
-                    raise VersionError(f"{path}: bytes differ from the record of {parent.id}; not switching")
+            cur = self.check()
+            tv = self.version(target)
+            if tv.id == cur.id:
+                return cur
+            steps = self._path(cur.id, tv.id)
+            deltas = {v: jr.read_delta(self.undo / f"{v}.delta") for v, _ in steps}
+            files = self.paths_for(cur).roles()
+            jr.write_journal(self.dir / "JOURNAL", jr.Journal(cur.id, tv.id, tuple(steps)))
             crash_point("rollback")
-            self._set_current(parent.id)
-            return parent
+            if before_write is not None:
+                before_write()
+            for v, d in steps:
+                self._write(files, deltas[v], d)
+            if steps and not jr.spans_hold(files, deltas[steps[-1][0]], steps[-1][1]):
+                raise VersionError(f"{self.dir}: bytes after switching to {tv.id} do not match its record")
+            self._save_fingerprint(files, tv.files)
+            self._set_current(tv.id)
+            crash_point("switched")
+            (self.dir / "JOURNAL").unlink()
+            fsync_dir(self.dir)
+            return tv
 
-    def prune(self, keep: int = 3) -> list[str]:
-        """Delete versions except v0, the current one and its ``keep - 1`` nearest ancestors.
-        The log is rewritten first, so a crash mid-delete leaves only unlogged dirs (garbage)."""
+    def prune(self, keep: int = DEFAULT_KEEP) -> list[str]:
+        """Keep ``keep`` versions: the current one and, newest first, versions joined to it by kept
+        delta records (parents to roll back to, children to roll forward to); drop the rest and
+        their records. The log is rewritten first, so a crash mid-delete leaves only unlogged
+        records (removed by ``recover``)."""
         with self._lock():
             self._recover_locked()
             log = self._load_log()
-            keep_ids, vid = {"v0"}, self.current().id
-            while vid is not None and len(keep_ids) < keep + 1:
-                keep_ids.add(vid)
-                vid = log["versions"][vid].parent
-            doomed = [v for v in log["versions"] if v not in keep_ids]
+            keep_ids = {self.current().id}
+            newest_first = sorted(log["versions"].values(), key=lambda v: -v.number)
+            while len(keep_ids) < max(1, keep):  # grow a connected set around current, newest first
+                nxt = next((v.id for v in newest_first if v.id not in keep_ids and (
+                    v.parent in keep_ids or any(log["versions"][k].parent == v.id for k in keep_ids))), None)
+                if nxt is None:
+                    break
+                keep_ids.add(nxt)
+            oldest = {v for v in keep_ids if log["versions"][v].parent not in keep_ids}
+            doomed = sorted((v for v in log["versions"] if v not in keep_ids), key=lambda x: int(x[1:]))
             for v in doomed:
                 del log["versions"][v]
+            for v in oldest:  # the oldest kept version becomes a root: its link to the parent goes too
+                log["versions"][v] = replace(log["versions"][v], parent=None)
             self._save_log(log)
-            for v in doomed:
-                shutil.rmtree(self.dir / v, ignore_errors=True)
+            for v in doomed + sorted(oldest):
+                (self.undo / f"{v}.delta").unlink(missing_ok=True)
             return doomed
 
     def recover(self) -> RecoverReport:
-        """Clean up after a crash: call on start. Never touches CURRENT or a logged version."""
+        """Finish or undo a torn switch and clean up garbage; call on start."""
         if not self.dir.is_dir():
             return RecoverReport((), ())
         with self._lock():
             return self._recover_locked()
 
     # ------------------------------------------------------------ internals
+    def paths_for(self, v: Version) -> VersionPaths:
+        return VersionPaths(self.live / FILE_NAMES["model"], self.live / FILE_NAMES["mmproj"] if "mmproj" in v.files else None)
+
+    def _write(self, files: dict[str, Path], delta: jr.Delta, direction: str) -> int:
+        roles = {s.role for s in delta.spans}
+        for r in roles:
+            os.chmod(files[r], 0o644)
+        try:
+            return jr.write_spans(files, delta, direction, crash_point)
+        finally:
+            for r in roles:
+                os.chmod(files[r], 0o444)
+
+    def _path(self, src: str, dst: str) -> list[tuple[str, str]]:
+        """Steps from src to dst in the version tree: undo up to the common ancestor, redo down."""
+        log = self._load_log()["versions"]
+
+        def chain(v: str) -> list[str]:
+            out = []
+            while v is not None:
+                out.append(v)
+                v = log[v].parent if v in log else None
+            return out
+
+        up, down = chain(src), chain(dst)
+        common = next((v for v in up if v in set(down)), None)
+        if common is None:
+            raise VersionError(f"{self.dir}: no kept delta chain from {src} to {dst} (pruned?)")
+        steps = [(v, "undo") for v in up[:up.index(common)]]
+        steps += [(v, "redo") for v in reversed(down[:down.index(common)])]
+        missing = [v for v, _ in steps if not (self.undo / f"{v}.delta").is_file()]
+        if missing:
+            raise VersionError(f"{self.dir}: delta record of {missing[0]} is missing; cannot reach {dst}")
+        return steps
+
     def _recover_locked(self) -> RecoverReport:
-        removed, relogged = [], []
-        for p in self.dir.iterdir():
+        removed, fixed = [], []
+        if not self.dir.is_dir():
+            return RecoverReport((), ())
+        for p in list(self.dir.iterdir()) + (list(self.undo.iterdir()) if self.undo.is_dir() else []):
             if p.name.startswith(".staging-") or ".tmp-" in p.name:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 removed.append(p.name)
-        log = self._load_log()
-        cur = (self.dir / "CURRENT").read_text().strip() if self.installed() else None
-        if cur is not None and cur not in log["versions"]:
-            v = Version.from_json(json.loads((self.dir / cur / RECORD).read_text()))
-            log["versions"][cur] = v
-            log["next"] = max(log["next"], v.number + 1)
-            self._save_log(log)
-            relogged.append(cur)
-        for p in self.dir.iterdir():
-            if p.is_dir() and p.name[:1] == "v" and p.name[1:].isdigit() and p.name != cur \
-                    and p.name not in log["versions"]:
-                shutil.rmtree(p)
-                removed.append(p.name)
-        if removed:
+        if self.installed() and not self.live.is_dir():
+            removed += self._migrate_copies()
+        j = jr.read_journal(self.dir / "JOURNAL")
+        if j is not None:
+            fixed.append(self._finish(j))
+        if self.installed():
+            log = self._load_log()
+            for p in self.undo.glob("*.delta"):
+                if p.stem not in log["versions"]:
+                    p.unlink()
+                    removed.append(p.name)
+        if removed or fixed:
             fsync_dir(self.dir)
-        return RecoverReport(tuple(removed), tuple(relogged))
+        return RecoverReport(tuple(removed), tuple(fixed))
 
-    def _populate(self, staging: Path, cur: Version, touched: set[str]) -> tuple[int, str]:
-        """Clone the files the patch touches; hard-link the rest. Returns (bytes cloned, method)."""
-        copied, method = 0, "none"
-        for role in cur.files:
-            src, dst = self.dir / cur.id / FILE_NAMES[role], staging / FILE_NAMES[role]
-            if role in touched:
-                method = clone_file(src, dst)
-                copied += dst.stat().st_size
-            else:
-                os.link(src, dst)
-        return copied, method
-
-    def _commit(self, staging: Path, v: Version, log_update: dict) -> Version:
-        """Seal the staging dir, rename it into place, switch CURRENT, then log it."""
-        for role in v.files:
-            os.chmod(staging / FILE_NAMES[role], 0o444)
-        write_durable(staging / RECORD, json.dumps(v.to_json(), indent=1))
-        fsync_dir(staging)
-        crash_point("staged")
-        os.rename(staging, self.dir / v.id)
-        fsync_dir(self.dir)
-        crash_point("renamed")
-        self._set_current(v.id)
-        crash_point("switched")
+    def _finish(self, j: jr.Journal) -> str:
+        """Roll a torn switch forward (CURRENT already moved) or back; prove the bytes by sha256."""
+        committed = (self.dir / "CURRENT").read_text().strip() == j.target
         log = self._load_log()
-        log["versions"][v.id] = v
-        log.update(log_update)
+        if not committed and j.new_version is not None and j.target in log["versions"]:
+            del log["versions"][j.target]  # logged but never switched to: forget it
+            self._save_log(log)
+        end = j.target if committed else j.source
+        rec = log["versions"][end]  # an apply logs its version before CURRENT moves
+        files = self.paths_for(rec).roles()
+        deltas = {v: jr.read_delta(self.undo / f"{v}.delta") for v, _ in j.steps}
+        for p in files.values():
+            os.chmod(p, 0o644)
+        try:
+            jr.replay(files, deltas, j, committed)
+        finally:
+            for p in files.values():
+                os.chmod(p, 0o444)
+        for role, p in files.items():  # rare path: prove the whole file, not just the spans
+            if sha256_file(p) != rec.files[role].sha256:
+                raise VersionError(f"{p}: bytes after recovery do not match the record of {end}")
+        self._save_fingerprint(files, rec.files)
+        if not committed and j.new_version is not None:
+            (self.undo / f"{j.target}.delta").unlink(missing_ok=True)
+        (self.dir / "JOURNAL").unlink()
+        return f"{j.source}->{j.target}: {'rolled forward' if committed else 'rolled back'}"
+
+    def _migrate_copies(self) -> list[str]:
+        """A store written by the copy-per-version layout (``v<N>/`` dirs): keep the current version
+        as the new root, its files as the live copy; older copies have no delta records."""
+        cur = self.current()
+        src = self.dir / cur.id
+        staging = self.dir / ".staging-live"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for role in cur.files:
+            clone_file(src / FILE_NAMES[role], staging / FILE_NAMES[role])
+            os.chmod(staging / FILE_NAMES[role], 0o444)
+        fsync_dir(staging)
+        os.rename(staging, self.live)
+        self.undo.mkdir(exist_ok=True)
+        log = self._load_log()
+        log["versions"] = {cur.id: replace(cur, parent=None)}
         self._save_log(log)
-        crash_point("logged")
-        return v
+        self.check()
+        gone = [p.name for p in self.dir.iterdir() if p.is_dir() and p.name[:1] == "v" and p.name[1:].isdigit()]
+        for name in gone:
+            shutil.rmtree(self.dir / name)
+        return gone
 
     def _set_current(self, vid: str) -> None:
         tmp = self.dir / f"CURRENT.tmp-{os.getpid()}"
@@ -304,14 +440,14 @@ class VersionStore:
         os.replace(tmp, self.dir / "CURRENT")
         fsync_dir(self.dir)
 
-    def _record(self, vid: str) -> Version:
-        v = self._load_log()["versions"].get(vid)
-        if v is None:  # CURRENT switched but the log not yet updated (crash window): own record
-            try:
-                v = Version.from_json(json.loads((self.dir / vid / RECORD).read_text()))
-            except FileNotFoundError:
-                raise VersionError(f"{self.dir}: unknown version {vid!r}") from None
-        return v
+    def _save_fingerprint(self, files: dict[str, Path], recs: dict[str, FileRecord] | None = None) -> None:
+        log = self._load_log()
+        fp = dict(log.get("fingerprint", {}))
+        for role, p in files.items():
+            sha = (recs or self.current().files)[role].sha256
+            fp[role] = _fingerprint(p, sha)
+        log["fingerprint"] = fp
+        self._save_log(log)
 
     def _load_log(self) -> dict:
         try:
@@ -326,12 +462,6 @@ class VersionStore:
         write_durable(tmp, json.dumps(out, indent=1))
         os.replace(tmp, self.dir / "versions.json")
         fsync_dir(self.dir)
-
-    def _staging(self, vid: str) -> Path:
-        staging = self.dir / f".staging-{vid}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        return staging
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -350,6 +480,11 @@ class VersionStore:
 
 # ---------------------------------------------------------------- file helpers
 
+def _fingerprint(path: Path, sha256: str) -> list:
+    st = path.stat()
+    return [sha256, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def _file_record(path: Path) -> FileRecord:
     return FileRecord(path.name, sha256_file(path), path.stat().st_size)
 
@@ -359,7 +494,7 @@ def _now() -> str:
 
 
 class _Laps:
-    """Named phase timings, so apply can report where its time goes (copy vs write)."""
+    """Named phase timings, so apply can report where its time goes."""
 
     def __init__(self) -> None:
         self.t0 = self.last = time.perf_counter()

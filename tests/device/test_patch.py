@@ -1,4 +1,6 @@
-"""Device apply: verify-before-write, versions, rollback, crash safety, cost, and llama.cpp loading."""
+"""Device apply: verify-before-write, in-place journaled versions, rollback and roll-forward, the
+load-time hash check, crash safety (a kill at every step, 30 random SIGKILLs), O(patch) cost, and
+llama.cpp loading."""
 from __future__ import annotations
 
 import dataclasses
@@ -96,16 +98,20 @@ def test_apply_gives_fresh_bytes_and_rollback_restores(world):
     v0 = store.current()
     assert store.installed() and not VersionStore(world["tmp"] / "empty").installed()
     assert v0.id == "v0" and sha(store.paths(v0).model) == sha(world["base"])
+    inodes = {r: p.stat().st_ino for r, p in store.paths(v0).roles().items()}
     res = store.apply_patch(world["patch"])
     assert res.version.id == "v1" and res.version.parent == "v0" and res.version.round_id == "r1"
     assert store.current() == res.version and res.paths == store.paths("v1")
     assert res.paths.model.read_bytes() == world["fresh"].read_bytes()  # the field notes' claim
     assert res.version.files["model"].sha256 == sha(world["fresh"])
-    assert res.bytes_written == read_patch(world["patch"]).payload_bytes == res.version.patch_bytes
-    # untouched mmproj is shared (hard link), every committed file is read-only
-    assert res.paths.mmproj.stat().st_ino == store.paths(v0).mmproj.stat().st_ino
+    payload = read_patch(world["patch"]).payload_bytes
+    assert res.bytes_written == payload == res.version.patch_bytes
+    # in place: the same files (no copy), still read-only; the delta record holds old + new bytes
+    assert {r: p.stat().st_ino for r, p in res.paths.roles().items()} == inodes and res.bytes_copied == 0
     assert all(p.stat().st_mode & 0o222 == 0 for p in res.paths.roles().values())
-    assert sha(store.paths(v0).model) == sha(world["base"])  # parent untouched
+    assert 2 * payload < res.journal_bytes < 2 * payload + 4096 and not (store.dir / "JOURNAL").exists()
+    with pytest.raises(VersionError, match="not the current version"):
+        store.paths(v0)
     assert [v.id for v in store.list()] == ["v0", "v1"]
     back = store.rollback()
     assert back.id == "v0" and store.current().id == "v0"
@@ -116,7 +122,38 @@ def test_apply_gives_fresh_bytes_and_rollback_restores(world):
     assert again.version.id == "v2" and sha(again.paths.model) == sha(world["fresh"])
     log = json.loads((store.dir / "versions.json").read_text())
     assert [v["id"] for v in log["versions"]] == ["v0", "v1", "v2"] and log["next"] == 3
+    # any kept version, back and forward: v1 and v2 are siblings (both children of v0)
+    assert store.switch("v1").id == "v1" and sha(store.paths().model) == sha(world["fresh"])
+    assert store.switch("v0").id == "v0" and sha(store.paths().model) == sha(world["base"])
+    assert store.switch("v2").id == "v2" and store.check().id == "v2"
+    with pytest.raises(VersionError, match="unknown version 'v9'"):
+        store.switch("v9")
 
+
+def test_a_swapped_model_file_is_refused_at_load(world):
+    store: VersionStore = world["store"]
+    live = store.paths().model
+    assert store.check().id == "v0"
+    os.chmod(live, 0o644)
+    live.write_bytes(world["fresh"].read_bytes())  # someone copies another model over it
+    with pytest.raises(VersionError, match="bytes differ from the record of v0") as err:
+        store.check()
+    assert "\n" not in str(err.value)
+    with pytest.raises(VersionError, match="bytes differ"):
+        store.apply_patch(world["patch"])  # a patch is accepted only for the exact current version
+    live.write_bytes(world["base"].read_bytes())  # the right bytes again (new inode/ctime): re-hashed, fine
+    assert store.check().id == "v0"
+
+
+def test_a_patch_for_another_version_is_refused(world):
+    store: VersionStore = world["store"]
+    p = read_patch(world["patch"])
+    other = world["tmp"] / "for-v5.gguf"
+    pf._write_gguf(other, list(p.entries), list(p.payloads), dataclasses.replace(p.meta, parent_version="v5"))
+    before = snapshot(store)
+    with pytest.raises(PatchError, match="built for version v5, the device is at v0"):
+        store.apply_patch(other)
+    assert snapshot(store) == before
 
 def test_mmproj_patch_and_prune(world):
     store: VersionStore = world["store"]
@@ -130,10 +167,13 @@ def test_mmproj_patch_and_prune(world):
     res2 = store.apply_patch(world["patch"])
     assert res2.version.parent == "v1" and sha(res2.paths.model) == sha(world["fresh"])
     assert sha(res2.paths.mmproj) == sha(fresh_mm)
-    assert store.prune(keep=1) == ["v1"] and [v.id for v in store.list()] == ["v0", "v2"]
-    assert not (store.dir / "v1").exists() and sha(res2.paths.mmproj) == sha(fresh_mm)
-    with pytest.raises(VersionError, match="unknown version 'v1'"):
+    assert store.prune(keep=2) == ["v0"] and [v.id for v in store.list()] == ["v1", "v2"]
+    assert sorted(p.name for p in store.undo.iterdir()) == ["v2.delta"]  # v1 is the new root
+    assert store.rollback().id == "v1" and sha(store.paths().model) == sha(world["base"])
+    assert sha(store.paths().mmproj) == sha(fresh_mm)
+    with pytest.raises(VersionError, match="nothing to roll back"):
         store.rollback()
+    assert store.switch("v2").id == "v2" and store.prune(keep=1) == ["v1"] and not list(store.undo.iterdir())
 
 
 def test_apply_to_files_in_place_for_cloud_preview(world):
@@ -209,7 +249,7 @@ def test_refused_patch_changes_nothing(world, case, match):
         store.apply_patch(bad)
     assert "\n" not in str(err.value)
     assert snapshot(store) == before and store.current() == current
-    assert not list(store.dir.glob(".staging-*"))
+    assert not list(store.dir.glob(".staging-*")) and not (store.dir / "JOURNAL").exists()
 
 
 def test_patch_for_missing_mmproj_is_refused(world):
@@ -230,11 +270,11 @@ def test_install_refusals_and_recover_garbage(world):
     with pytest.raises(VersionError, match="not a loadable GGUF"):
         VersionStore(world["tmp"] / "x").install_base(world["patch"].with_suffix(".nope"))
     (store.dir / ".staging-v9").mkdir()
-    (store.dir / "v7").mkdir()
+    (store.undo / "v7.delta").write_bytes(b"never logged")
     (store.dir / "CURRENT.tmp-123").write_text("v7\n")
     before = store.current()
     rep = store.recover()
-    assert set(rep.removed) == {".staging-v9", "v7", "CURRENT.tmp-123"} and store.current() == before
+    assert set(rep.removed) == {".staging-v9", "v7.delta", "CURRENT.tmp-123"} and store.current() == before
 
 
 # ------------------------------------------------------------ crash safety
@@ -255,7 +295,7 @@ else:
             s.apply_patch(sys.argv[2])
         else:
             s.rollback()
-        s.prune(keep=1)
+        s.prune(keep=2)
 """
 
 
@@ -276,10 +316,11 @@ def check_consistent(world: dict, cleaned: list | None = None) -> str:
     cur = store.current()
     assert cur.id in {v.id for v in store.list()}
     assert not [p for p in store.dir.iterdir() if p.name.startswith(".staging") or ".tmp-" in p.name]
-    for v in store.list():
-        for role, rec in v.files.items():
-            assert sha(store.paths(v).roles()[role]) == rec.sha256, (v.id, role)
+    assert not (store.dir / "JOURNAL").exists()
     paths = store.paths(cur)
+    for role, rec in cur.files.items():
+        assert sha(paths.roles()[role]) == rec.sha256, (cur.id, role)
+    assert store.check() == cur
     assert len(GGUFReader(paths.model).tensors) == len(MODEL)
     assert len(GGUFReader(paths.mmproj).tensors) == len(MMPROJ)
     state = {sha(world["base"]): "old", sha(world["fresh"]): "new"}.get(sha(paths.model))
@@ -289,8 +330,8 @@ def check_consistent(world: dict, cleaned: list | None = None) -> str:
 
 
 @pytest.mark.parametrize("step, expect", [
-    ("copy", "old"), ("write", "old"), ("staged", "old"), ("renamed", "old"),
-    ("current_tmp", "old"), ("switched", "new"), ("logged", "new"),
+    ("undo", "old"), ("journal", "old"), ("write", "old"), ("written", "old"), ("logged", "old"),
+    ("current_tmp", "old"), ("switched", "new"),
 ])
 def test_crash_injected_at_each_apply_step(world, step, expect):
     child = run_child(world, "apply", CDCCA_CRASH_AT=step)
@@ -329,8 +370,9 @@ def test_random_sigkill_during_apply_rollback_loop(world):
 
 # ------------------------------------------------------------ cost
 
-def test_apply_cost_is_copy_plus_patch_sized_write(tmp_path):
-    """A 1-tensor patch on a 16 MiB model: bytes written == patch payload; only its span differs."""
+def test_apply_cost_is_patch_sized(tmp_path):
+    """A 1-tensor patch on a 16 MiB model: bytes written == patch payload, nothing copied, the
+    delta record ~2x the payload; only the patched span differs; rollback restores every byte."""
     layout = {f"blk.{i}.ffn_up.weight": ((1024, 1024), T.F16) for i in range(8)}
     ws = weights(layout, 3)
     base = write_gguf(tmp_path / "big.gguf", ws)
@@ -340,21 +382,24 @@ def test_apply_cost_is_copy_plus_patch_sized_write(tmp_path):
     store.install_base(base)
     res = store.apply_patch(patch.path)
     assert res.bytes_written == patch.payload_bytes == 5 * 2048
-    assert res.bytes_copied == base.stat().st_size
+    assert res.bytes_copied == 0 and res.journal_bytes < 2 * patch.payload_bytes + 4096
+    assert sum(p.stat().st_size for p in store.dir.rglob("*") if p.is_file()) < base.stat().st_size + 64 * 1024
     old = np.fromfile(base, np.uint8)
     diff = np.flatnonzero(old != np.fromfile(res.paths.model, np.uint8))
     t = next(t for t in GGUFReader(base).tensors if t.name == "blk.5.ffn_up.weight")
     spans = [(t.data_offset + e.byte_offset, t.data_offset + e.byte_offset + e.nbytes) for e in patch.entries]
     assert diff.size and all(any(a <= d < b for a, b in spans) for d in diff)
     ms = {k: round(v * 1e3, 2) for k, v in res.timings.items()}
-    print(f"\napply 1-tensor patch ({res.bytes_written} B) to {res.bytes_copied / 2**20:.0f} MiB via "
+    print(f"\napply 1-tensor patch ({res.bytes_written} B) to {base.stat().st_size / 2**20:.0f} MiB "
           f"{res.copy_method}: total {res.seconds * 1e3:.1f} ms, phases ms {ms}")
+    store.rollback()
+    assert sha(store.paths().model) == sha(base)
 
 
 # ------------------------------------------------------------ walls and llama.cpp
 
 def test_device_patch_code_never_imports_torch():
-    code = ("import sys, device.versions, device.patch, device.contracts.patch_format; "
+    code = ("import sys, device.versions, device.journal, device.patch, device.contracts.patch_format; "
             "bad = [m for m in ('torch', 'transformers', 'cloud') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 

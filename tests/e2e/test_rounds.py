@@ -83,8 +83,7 @@ def test_two_sync_rounds_improve_the_device_and_rollback_restores_bytes(tmp_path
         assert agree >= 0.95, agree
 
         # rollback restores the previous version's bytes exactly
-        v1 = dm.store.paths("v1")
-        expected = {r: file_sha256(p) for r, p in v1.roles().items()}
+        expected = {r: rec.sha256 for r, rec in dm.store.version("v1").files.items()}  # v1's recorded bytes
         dm.store.rollback()
         back = open_device_model(settings)
         assert back.version == "v1"
