@@ -9,10 +9,17 @@ The runtime's decode loop hands each step's logits (a float32 view of llama.cpp'
 ``UncertaintyRecorder``; the recorder copies out four numbers per step and never holds the view,
 so the buffer can be reused by llama.cpp for the next step.
 
-Numerics: ``H = logsumexp(z) - sum(p * z)`` with ``z = x - max(x)`` computed in float64 scratch
-space.  Subtracting the max keeps every ``exp`` in [0, 1]; float64 accumulation keeps the error
-of a 262k-term sum far below 1e-9 nats.  ``-inf`` logits (masked tokens) get probability 0 and
-contribute nothing; ``+inf`` logits share all the mass; NaN is an error, not an uncertainty.
+Numerics: ``H = logsumexp(z) - sum(p * z)`` with ``z = x - max(x)``.  Subtracting the max keeps
+every ``exp`` in [0, 1].  ``token_stats`` works in float64 scratch space (error far below 1e-9
+nats at 262k terms); ``-inf`` logits (masked tokens) get probability 0 and contribute nothing;
+``+inf`` logits share all the mass; NaN is an error, not an uncertainty.
+
+The decode hook (``UncertaintyRecorder``) runs once per generated token, so its cost is a fraction
+of decode speed.  It uses ``token_stats_fast``: the same formula in float32, in two buffers the
+recorder reuses, in six vectorized passes (argmax, subtract, exp, sum, dot, runner-up max) instead
+of float64 copies and a partition.  Measured on one thread: 49k vocabulary 200 -> 70 us per step,
+262k 870 -> 390 us; entropy within ~1e-6 relative of float64 (a few micro-nats at 262k; tested).
+Rows with -inf / +inf / NaN fall back to the exact path, so the hostile cases behave as before.
 """
 from __future__ import annotations
 
@@ -96,6 +103,40 @@ def _stats_one(x: np.ndarray) -> TokenUncertainty | None:
     return TokenUncertainty(max(h, 0.0), 1.0 / s, (1.0 - second) / s, a)
 
 
+class Scratch:
+    """Two float32 buffers of the vocabulary's size, reused step after step (no allocation)."""
+
+    def __init__(self) -> None:
+        self.z = self.e = np.empty(0, np.float32)
+
+    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.z.shape[0] != n:
+            self.z, self.e = np.empty(n, np.float32), np.empty(n, np.float32)
+        return self.z, self.e
+
+
+def token_stats_fast(logits: np.ndarray, scratch: Scratch) -> TokenUncertainty:
+    """``token_stats`` for the decode loop: float32, buffers reused, exact path for odd rows."""
+    x = logits
+    if x.ndim != 1 or x.dtype != np.float32 or x.shape[0] < 2:
+        return token_stats(x)
+    a = int(x.argmax())
+    m = x[a]
+    if not math.isfinite(m):
+        return token_stats(x)
+    z, e = scratch.get(x.shape[0])
+    with np.errstate(over="ignore", invalid="ignore"):  # odd rows are caught below, not warned about
+        np.subtract(x, m, out=z)
+        np.exp(z, out=e)
+        s = float(e.sum())
+        ez = float(np.dot(e, z))
+    if not math.isfinite(ez):  # a -inf logit: 0 * -inf; the exact path floors it
+        return token_stats(x)
+    z[a] = -np.inf
+    second = math.exp(float(z.max()))  # runner-up, unnormalised
+    return TokenUncertainty(max(math.log(s) - ez / s, 0.0), 1.0 / s, (1.0 - second) / s, a)
+
+
 def token_stats(logits: np.ndarray) -> TokenUncertainty:
     """Uncertainty of one step from its full-vocabulary logits, shape [V]."""
     x = _as_logits(logits, 1)
@@ -166,12 +207,14 @@ class UncertaintyRecorder:
     align ``tokens`` to the answer's token ids (``uts`` ignores surplus trailing steps).
     """
 
-    def __init__(self, aggregate: Aggregate = "mean") -> None:
+    def __init__(self, aggregate: Aggregate = "mean", exact: bool = False) -> None:
         self.aggregate: Aggregate = aggregate
+        self.exact = exact  # float64 per step (slower); default: token_stats_fast
         self.tokens: list[TokenUncertainty] = []
+        self._scratch = Scratch()
 
     def __call__(self, logits: np.ndarray) -> TokenUncertainty:
-        t = token_stats(logits)
+        t = token_stats(logits) if self.exact else token_stats_fast(logits, self._scratch)
         self.tokens.append(t)
         return t
 

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from device.uncertainty import (SampleUncertainty, TokenUncertainty, UncertaintyRecorder, summarize, token_stats,
-                                token_stats_batch)
+from device.uncertainty import (SampleUncertainty, Scratch, TokenUncertainty, UncertaintyRecorder, summarize,
+                                token_stats, token_stats_batch, token_stats_fast)
 
 
 def reference(logits: np.ndarray) -> tuple[float, float, float, int]:
@@ -124,7 +124,7 @@ def test_recorder_copies_stats_not_logits():
     expected = []
     for _ in range(4):
         buf[:] = rng.standard_normal(500) * 4
-        expected.append(token_stats(buf))
+        expected.append(token_stats_fast(buf, Scratch()))  # the recorder's decode-loop path
         assert rec(buf) == expected[-1]
     buf[:] = 0.0
     assert rec.tokens == expected and len(rec) == 4
@@ -133,3 +133,38 @@ def test_recorder_copies_stats_not_logits():
     assert proc(np.array([1, 2]), buf) is buf and len(rec) == 5
     rec.reset()
     assert rec.tokens == []
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_fast_decode_path_matches_float64_reference(name):
+    """The recorder's float32 path: ~1e-6 relative on finite rows, the exact path on odd rows."""
+    x = _cases()[name]
+    h, p, m, a = reference(x)
+    t = token_stats_fast(x, Scratch())
+    assert t.entropy == pytest.approx(h, rel=2e-6, abs=1e-6)
+    assert t.max_prob == pytest.approx(p, rel=2e-6, abs=1e-9)
+    assert t.margin == pytest.approx(m, rel=2e-6, abs=1e-6)
+    assert t.token_id == a
+
+
+@pytest.mark.parametrize("V", [32000, 49152, 262144])
+def test_fast_path_at_real_vocabulary_sizes(V):
+    rng, sc = np.random.default_rng(V), Scratch()
+    for scale in (0.5, 3.0, 12.0):
+        x = (rng.standard_normal(V) * scale).astype(np.float32)
+        h, p, m, a = reference(x)
+        t = token_stats_fast(x, sc)
+        assert abs(t.entropy - h) < 1e-5 * max(1.0, h) and t.token_id == a
+        assert t.max_prob == pytest.approx(p, rel=1e-5) and t.margin == pytest.approx(m, rel=1e-5, abs=1e-7)
+    x = np.zeros(V, np.float32)
+    assert token_stats_fast(x, sc).entropy == pytest.approx(math.log(V), rel=1e-6)
+    before = x.copy()
+    token_stats_fast(x, sc)
+    assert np.array_equal(x, before)  # the live logits view is never written
+
+
+def test_recorder_uses_fast_path_unless_exact():
+    x = np.random.default_rng(3).standard_normal(49152).astype(np.float32) * 4
+    fast, exact = UncertaintyRecorder(), UncertaintyRecorder(exact=True)
+    a, b = fast(x), exact(x)
+    assert b == token_stats(x) and a.entropy == pytest.approx(b.entropy, rel=2e-6) and a.token_id == b.token_id
