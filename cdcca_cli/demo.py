@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from .common import console, one_line_errors
+from .common import console, one_line_errors, round_option
 from .main import app
 
 DRIFT = (("noise", "texture"), ("combo", "rotate"))
@@ -32,7 +32,7 @@ def _chat_stream(settings, domains, n: int, seed: int, img_dir: Path, show: int 
     from .render import shaded
 
     dm = open_device_model(settings)
-    with Queue(settings.device_dir / "queue.sqlite") as q:
+    with Queue(settings.queue_path) as q:
         sess = ChatSession.open(dm, settings.threads, settings.n_ctx, q)
         t0, kept, shown = time.time(), 0, 0
         for d in domains + ("source",):
@@ -54,9 +54,9 @@ def _chat_stream(settings, domains, n: int, seed: int, img_dir: Path, show: int 
 
 @app.command()
 def demo(
-    chats: int = typer.Option(200, help="questions per domain per round"),
-    steps: Optional[int] = typer.Option(None, help="cloud distillation steps per round (default: RoundOptions)"),
-    budget: Optional[int] = typer.Option(None, help="downlink byte budget (default: RoundOptions)"),
+    chats: int = typer.Option(200, min=1, help="questions per domain per round"),
+    steps: int = round_option("steps", "--steps", help="cloud distillation steps per round"),
+    budget: int = round_option("downlink_budget_bytes", "--budget", help="largest patch file in bytes"),
     home: Optional[Path] = typer.Option(None, help="data folder (default: a fresh temporary one)"),
 ):
     """Run two cloud-device rounds end to end on the embedded models (offline, loopback)."""
@@ -79,7 +79,7 @@ def demo(
         with LoopbackCloud(settings) as cloud:
             console.print(f"cloud: {cloud.url} (loopback); teacher = embedded TinyLlava teacher")
             client = CloudClient(cloud.url, cloud.add_device("demo-laptop"))
-            ro = RoundOptions(**{k: v for k, v in (("steps", steps), ("downlink_budget_bytes", budget)) if v is not None})
+            ro = RoundOptions(steps=steps, downlink_budget_bytes=budget)
             opts = SyncOptions(ro, eval_per_domain=None)
             history = []
             for r, domains in enumerate(DRIFT, 1):

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from device.contracts.round_metrics import STAGES, Accuracy, accuracy_drop
+from device.contracts.round_metrics import STAGES, accuracy_drop, as_accuracy
 
 RECENT_TURNS = 20  # the uncertainty histogram covers this many recent chats
 HIST_MAX = 3.0  # nats; the histogram's last bin also holds everything above
@@ -151,13 +151,6 @@ class RoundRow:
     vqa_after: float | None
     domains_before: dict[str, float]
     domains_after: dict[str, float]
-
-
-def as_accuracy(acc: Any) -> Accuracy | None:
-    """``device.evaluate``'s result (a dict) or an ``Accuracy``, as the typed contract."""
-    if not acc:
-        return None
-    return acc if isinstance(acc, Accuracy) else Accuracy.model_validate(acc)
 
 
 def _vqa(acc: Any) -> tuple[float | None, dict[str, float]]:

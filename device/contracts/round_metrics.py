@@ -94,6 +94,13 @@ class RoundMetrics(_Open):
     accuracy: RoundAccuracy | None = None
 
 
+def as_accuracy(acc: Any) -> Accuracy | None:
+    """``device.evaluate``'s result (a dict) or an ``Accuracy``, as the typed model; None if empty."""
+    if not acc:
+        return None
+    return acc if isinstance(acc, Accuracy) else Accuracy.model_validate(acc)
+
+
 def accuracy_drop(before: Accuracy | None, after: Accuracy | None, tolerance: float = 0.0) -> float | None:
     """How much the overall VQA fell (positive) from ``before`` to ``after``; None when it did not
     fall by more than ``tolerance`` or either side is unknown.  Faces warn and offer a rollback."""

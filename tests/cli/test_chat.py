@@ -47,10 +47,16 @@ def test_one_shot_answers_with_uncertainty(image):
     assert r.returncode == 0 and r.stdout.strip() in ("one", "two", "three"), r.stdout
 
 
-@pytest.mark.parametrize("case", ["corrupt", "missing", "oversized", "model", "truncated", "mmproj"])
+@pytest.mark.parametrize("case", ["corrupt", "missing", "oversized", "model", "truncated", "mmproj", "no_image",
+                                  "path_as_question"])
 def test_bad_input_is_one_line_and_queues_nothing(tmp_path, image, case):
     home = Path(os.environ["CDCCA_HOME"])
     args = ["--image", str(image)]
+    question = "what colour is the circle?"
+    if case == "no_image":  # bug 4: a vision model answered from the words alone and queued it
+        args = []
+    elif case == "path_as_question":
+        args, question = [], str(image)
     if case == "corrupt":
         (tmp_path / "bad.png").write_bytes(b"not an image at all")
         args = ["--image", str(tmp_path / "bad.png")]
@@ -78,7 +84,7 @@ def test_bad_input_is_one_line_and_queues_nothing(tmp_path, image, case):
                                                                                                         heads=2, kv_heads=2, ffn=128)))
         export_mmproj(other, tmp_path / "other-mmproj.gguf")
         args += ["--model", str(DEFAULT_MODEL_DIR / "student-q4_0.gguf"), "--mmproj", str(tmp_path / "other-mmproj.gguf")]
-    r = run("chat", *args, "what colour is the circle?")
+    r = run("chat", *args, question)
     assert r.returncode == 1, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
@@ -114,6 +120,9 @@ def test_repl_under_a_pseudo_terminal(image):
         colour = ask(b"what colour is the circle?")
         assert any(c in colour for c in (b"red", b"green", b"blue", b"yellow", b"purple", b"orange")), colour
         assert b"image: " in ask(f"/image {image}".encode())
+        assert b"unknown command /colour" in ask(b"/colour of the circle?")  # bug 10: not sent to the model
+        assert b"/image needs a path" in ask(b"/image")
+        assert b"/quit" in ask(b"/help")
         assert any(w in ask(b"how many shapes are there?") for w in (b"one", b"two", b"three"))
         os.write(fd, b"/quit\n")
         _, status = os.waitpid(pid, 0)
