@@ -52,16 +52,30 @@ def _run(conn: Connection, fn, revision: str) -> None:
 def _upgrade(engine: Engine) -> None:
     from alembic import command
 
-    with engine.begin() as conn:
-        tables = set(inspect(conn).get_table_names())
-        if not tables & {"devices", "samples", "rounds"}:
-            metadata.create_all(conn)
-            _run(conn, command.stamp, "head")
-            return
-        if "alembic_version" not in tables:
-            _run(conn, command.stamp, BASELINE)
-        if current(conn) != head():
-            _run(conn, command.upgrade, "head")
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:  # batch migrations copy tables; foreign keys must not fire meanwhile
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                _steps(conn, command)
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+
+
+def _steps(conn: Connection, command) -> None:
+    tables = set(inspect(conn).get_table_names())
+    if not tables & {"devices", "samples", "rounds"}:
+        metadata.create_all(conn)
+        _run(conn, command.stamp, "head")
+        return
+    if "alembic_version" not in tables:
+        _run(conn, command.stamp, BASELINE)
+    if current(conn) != head():
+        _run(conn, command.upgrade, "head")
 
 
 def upgrade(engine: Engine, attempts: int = 3) -> None:
@@ -70,7 +84,8 @@ def upgrade(engine: Engine, attempts: int = 3) -> None:
     for attempt in range(attempts):
         try:
             return _upgrade(engine)
-        except DBAPIError:
-            if attempt == attempts - 1:
+        except DBAPIError as exc:
+            racing = any(w in str(exc).lower() for w in ("already exists", "duplicate", "locked"))
+            if not racing or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))

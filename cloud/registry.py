@@ -108,14 +108,16 @@ class ModelRegistry:
         for old in mine[: max(0, len(mine) - self.per_device + 1)]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def sweep(self, max_age_s: float | None = None) -> int:
+    def sweep(self, max_age_s: float | None = None, dry_run: bool = False) -> int:
         """Remove staging and temp folders older than ``max_age_s``; returns how many."""
         cutoff = time.time() - (self.max_age_s if max_age_s is None else max_age_s)
         n = 0
         for p in self.root.iterdir():
             if p.name.startswith(".") and _mtime(p) < cutoff:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 n += 1
+                if dry_run:
+                    continue
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return n
 
 

@@ -26,7 +26,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from device.contracts.config import Settings
 from device.contracts.model_id import file_sha256
@@ -219,21 +218,23 @@ class LocalWorkers:
 
 def run_worker(settings: Settings, runner: RoundRunner, stop: threading.Event | None = None,
                poll_s: float = 1.0) -> None:
-    """The ``cdcca cloud worker`` process body: one worker until ``stop`` (or SIGTERM/Ctrl-C)."""
+    """The ``cdcca cloud worker`` process body: one worker until ``stop`` is set (SIGTERM and
+    Ctrl-C set it).  A round it is running then goes back in line for another worker."""
     import signal
 
     stop = stop or threading.Event()
     store = Store(settings)
     worker = Worker(store, runner, settings)
 
-    def on_signal(_sig: int, _frame: Any) -> None:
-        stop.set()
+    def hand_back() -> None:
+        stop.wait()
         if worker.current is not None:
             worker.cancel(worker.current[0], "shutdown")
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda _sig, _frame: stop.set())
+    threading.Thread(target=hand_back, daemon=True, name="cdcca-worker-stop").start()
     log.warning("worker %s waiting for rounds", worker.name)
     try:
         worker.run_forever(stop, poll_s)

@@ -1,4 +1,5 @@
-"""cdcca cloud: add-device prints a working token, devices lists them, serve wires the runner."""
+"""cdcca cloud: add-device prints a working token, devices lists them, revoke/rotate, token files,
+serve starts workers, worker wires the runner, gc."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,23 +60,23 @@ def test_serve_help() -> None:
     assert "--host" in result.output and "--port" in result.output
 
 
-def test_serve_runner_uses_the_servers_model_registry(monkeypatch: pytest.MonkeyPatch,
-                                                      tmp_path: Path) -> None:
-    """No server is started: serve() is captured, and the runner's run_round is stubbed."""
+def test_worker_runner_uses_the_servers_model_registry(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    """No worker loop is run: run_worker() is captured, and the runner's run_round is stubbed."""
     import cloud.round_job as round_job
     import cloud.server as server
+    import cloud.worker as worker
 
     captured: dict[str, Any] = {}
-    monkeypatch.setattr(server, "serve", lambda settings, host, port, round_runner:
-                        captured.update(settings=settings, host=host, port=port, runner=round_runner))
+    monkeypatch.setattr(worker, "run_worker", lambda settings, runner, stop:
+                        captured.update(settings=settings, runner=runner))
     monkeypatch.setattr(round_job.CloudAssets, "embedded",
                         classmethod(lambda cls, model_dir: captured.setdefault("model_dir", model_dir)))
     monkeypatch.setattr(round_job, "run_round",
                         lambda ctx, registry, assets: captured.update(registry=registry) or {})
-    result = runner.invoke(app, ["cloud", "serve", "--host", "0.0.0.0", "--port", "9999",
-                                 "--model-dir", str(tmp_path)])
+    result = runner.invoke(app, ["cloud", "worker", "--model-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert (captured["host"], captured["port"], captured["model_dir"]) == ("0.0.0.0", 9999, tmp_path)
+    assert captured["model_dir"] == tmp_path
     captured["runner"](object())
     api = server.create_app(captured["settings"])
     try:
@@ -84,3 +85,73 @@ def test_serve_runner_uses_the_servers_model_registry(monkeypatch: pytest.Monkey
     finally:
         api.state.rounds.shutdown()
         api.state.store.close()
+
+
+def test_serve_starts_local_workers_and_never_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    import cloud.server as server
+    from cdcca_cli import cloud_cmds
+
+    started: list[list[str]] = []
+
+    class FakeProc:  # records the command; the real worker is covered by tests/cloud/test_worker*
+        def __init__(self, cmd):
+            started.append(cmd)
+
+        def terminate(self):
+            started.append(["terminated"])
+
+        def wait(self, timeout=None):
+            return 0
+
+    captured: dict[str, Any] = {}
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(server, "serve", lambda settings, host, port, accept_rounds:
+                        captured.update(host=host, port=port, accept=accept_rounds))
+    result = runner.invoke(app, ["cloud", "serve", "--host", "0.0.0.0", "--port", "9999",
+                                 "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert captured == {"host": "0.0.0.0", "port": 9999, "accept": True}
+    assert started[:2] == [cloud_cmds.worker_command(None)] * 2 and started[2:] == [["terminated"]] * 2
+    assert started[0][-3:] == ["cloud", "worker", "--exit-with-parent"]
+
+
+def test_revoke_rotate_and_token_file(tmp_path: Path) -> None:
+    from cloud.store import Store
+
+    old = add_device("lap")
+    r = runner.invoke(app, ["cloud", "revoke", "lap"])
+    assert r.exit_code == 0 and "revoked" in r.output
+    store = Store(load_settings())
+    try:
+        assert store.device_for_token(old) is None
+        listed = runner.invoke(app, ["cloud", "devices"])
+        assert "revoked" in listed.output
+        token_file = tmp_path / "lap.token"
+        r = runner.invoke(app, ["cloud", "rotate", "lap", "--token-file", str(token_file)])
+        assert r.exit_code == 0, r.output
+        token = token_file.read_text().strip()
+        assert token not in r.output and token_file.stat().st_mode & 0o777 == 0o600
+        assert store.device_for_token(token) == "lap"
+        r = runner.invoke(app, ["cloud", "add-device", "phone", "--token-file", str(tmp_path / "p")])
+        assert r.exit_code == 0 and store.device_for_token((tmp_path / "p").read_text().strip()) == "phone"
+    finally:
+        store.close()
+    bad = runner.invoke(app, ["cloud", "rotate", "ghost"])
+    assert bad.exit_code == 1 and "no device 'ghost'" in bad.output and "Traceback" not in bad.output
+
+
+def test_gc_reports_and_removes_stale_staging(tmp_path: Path) -> None:
+    settings = load_settings()
+    staging = settings.cloud_dir / "models" / ".stage-0123456789abcdef-abab"
+    staging.mkdir(parents=True)
+    (staging / "model.gguf").write_bytes(b"x")
+    import os as _os
+    _os.utime(staging, (0, 0))
+    dry = runner.invoke(app, ["cloud", "gc", "--dry-run"])
+    assert dry.exit_code == 0 and "would have removed 1 stale staging" in dry.output
+    assert staging.exists()
+    r = runner.invoke(app, ["cloud", "gc"])
+    assert r.exit_code == 0 and "removed 1 stale staging" in r.output, r.output
+    assert not staging.exists()
