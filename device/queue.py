@@ -131,6 +131,20 @@ def default_path() -> Path:
     return load_settings().device_dir / QUEUE_FILE
 
 
+SCHEMA_VERSION = 1  # PRAGMA user_version of queue.sqlite; bump with a migration step below
+
+
+def _check_version(db: sqlite3.Connection, path: Path) -> None:
+    """Stamp the schema version (issue 13, item 5); refuse a queue written by a newer cdcca
+    rather than guess at its rows.  Version 0 is a file from before versions: same tables."""
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(f"{path}: queue schema version {found} is newer than this cdcca's "
+                           f"({SCHEMA_VERSION}); upgrade cdcca")
+    if found < SCHEMA_VERSION:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 class Queue:
     """``Queue(path)``; use as a context manager or call ``close()``.  Safe to share between
     threads (one lock) and between processes (SQLite file locks + busy timeout)."""
@@ -148,6 +162,7 @@ class Queue:
         with self._tx() as db:
             for statement in _SCHEMA:
                 db.execute(statement)
+            _check_version(db, self.path)
         _tighten(self.path)
 
     @contextmanager

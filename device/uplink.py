@@ -31,8 +31,10 @@ from pydantic import BaseModel, ValidationError
 from device.contracts.model_id import ROLES
 from device.contracts.signing import SIGNATURE_HEADER
 from device.contracts.wire import (
-    MAX_UPLOAD_SAMPLES, MODEL_ID_PATTERN, ROUND_ID_PATTERN, SHA256_PATTERN, DeviceInfo, Health,
-    ModelPresence, ModelUploadResult, RoundRequest, RoundStatus, SampleCounts, UploadRequest,
+    MAX_UPLOAD_SAMPLES, MODEL_ID_PATTERN, ROUND_ID_PATTERN, SAMPLE_ID_PATTERN, SHA256_PATTERN,
+    DeviceInfo, Health,
+    ModelPresence, ModelUploadResult, RoundRequest, RoundStatus, SampleCounts, SampleList,
+    UploadRequest,
     UploadResponse, UplinkSample,
 )
 from device.patch import fsync_dir as _fsync_dir
@@ -49,6 +51,7 @@ RETRY_BUDGET_S = 90.0  # > the 30 s cloud restart the device must ride out, with
 MAX_PATCH_BYTES = 64 << 20  # a patch larger than this is refused whatever the cloud announces
 _ROUND_ID, _MODEL_ID, _SHA256 = (re.compile(p) for p in (ROUND_ID_PATTERN, MODEL_ID_PATTERN,
                                                          SHA256_PATTERN))
+_SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
 
 
 class CloudError(RuntimeError):
@@ -244,6 +247,24 @@ class CloudClient:
 
     def sample_counts(self) -> SampleCounts:
         return _validate(SampleCounts, self._json("GET", "/v1/samples/count"), "GET /v1/samples/count")
+
+    def list_samples(self, after: str | None = None, limit: int = 100) -> SampleList:
+        """One page of this device's samples on the cloud, oldest first (``next_after`` pages on)."""
+        params: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            params["after"] = _checked(_SAMPLE_ID, after, "sample id")
+        return _validate(SampleList, self._json("GET", "/v1/samples", params=params), "GET /v1/samples")
+
+    def delete_sample(self, sample_id: str) -> bool:
+        """Delete one of this device's samples on the cloud; False if the cloud had none."""
+        _checked(_SAMPLE_ID, sample_id, "sample id")
+        try:
+            self._json("DELETE", f"/v1/samples/{sample_id}")
+        except CloudError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     def upload(self, samples: Sequence[UplinkSample], batch_size: int = 32, progress: bool = True,
                on_ack: Callable[[list[str]], None] | None = None) -> UploadResult:

@@ -596,3 +596,40 @@ def test_device_lists_and_deletes_its_own_samples(client: TestClient, auth) -> N
     assert client.get("/v1/samples/count", headers=a).json()["total"] == 2
     assert client.get("/v1/samples/count", headers=b).json()["total"] == 1
     assert client.get("/v1/samples").status_code == 401
+
+
+def test_device_client_lists_and_deletes_samples(client: TestClient, auth, app) -> None:
+    """The device's own CloudClient (device/uplink.py) speaks the list/delete routes."""
+    from device.uplink import CloudClient, CloudError
+
+    import socket
+
+    import uvicorn
+
+    token = auth("lap")["Authorization"].split()[1]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        _client_round_trip(CloudClient(f"http://127.0.0.1:{sock.getsockname()[1]}", token,
+                                       retry_budget_s=1), CloudError)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _client_round_trip(dev, CloudError) -> None:
+    dev.upload([make_sample(i) for i in (1, 2, 3)], progress=False)
+    page = dev.list_samples(limit=2)
+    assert [s.sample_id[-1] for s in page.samples] == ["1", "2"] and page.next_after
+    assert [s.sample_id[-1] for s in dev.list_samples(after=page.next_after).samples] == ["3"]
+    assert dev.delete_sample("0000000000000002") is True
+    assert dev.delete_sample("0000000000000002") is False
+    with pytest.raises(CloudError, match="invalid sample id"):
+        dev.delete_sample("../../etc")
+    assert dev.sample_counts().total == 2

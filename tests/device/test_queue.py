@@ -152,3 +152,20 @@ def test_queue_files_are_private(tmp_path: Path) -> None:
     (folder / "queue.sqlite").chmod(0o644)
     Queue(folder / "queue.sqlite").close()
     assert stat.S_IMODE((folder / "queue.sqlite").stat().st_mode) == 0o600
+
+
+def test_queue_file_carries_a_schema_version(tmp_path) -> None:
+    """Issue 13, item 5: queue.sqlite is stamped (PRAGMA user_version); a newer one is refused."""
+    import sqlite3
+
+    from device.queue import SCHEMA_VERSION, Queue
+
+    path = tmp_path / "queue.sqlite"
+    Queue(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="newer than this cdcca"):
+        Queue(path)
