@@ -9,7 +9,7 @@ SDIST     ?= $(HOME)/.cache/cdcca/sdist
 LLAMA_VER := 0.3.36
 STAMP     := $(VENV)/.cdcca-installed
 
-.PHONY: setup demo test bench models clean
+.PHONY: setup demo test bench models clean postgres
 
 setup: $(STAMP)
 
@@ -32,7 +32,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/cdcca demo
 
-test: setup
+# The store tests also run against a real PostgreSQL server that the test fixture starts in a
+# temp folder (tests/cloud/conftest.py); Debian's `postgresql` package provides the binaries.
+postgres:
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	  else echo "note: PostgreSQL is not installed, its store tests will be skipped" \
+	            "(install Debian's postgresql package)" >&2; fi
+
+test: setup postgres
 	$(BIN)/python -m pytest -n 2 --durations=15
 
 bench: setup
