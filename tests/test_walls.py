@@ -44,3 +44,13 @@ def test_cloud_never_imports_faces():
     for p in (ROOT / "cloud").rglob("*.py"):
         bad = _imports(p) & {"cdcca_cli", "tui"}
         assert not bad, f"{p}: imports {bad}"
+
+
+def test_test_files_have_unique_basenames():
+    """pytest (rootdir import mode) cannot collect two test modules with one basename; a mirrored
+    tree makes that easy to do by accident (tests/cloud/test_x.py beside tests/device/test_x.py)."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in Path(__file__).parent.rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1], "rename one of each pair"
