@@ -54,7 +54,7 @@ def _chat_stream(settings, domains, n: int, seed: int, img_dir: Path, show: int 
 
 @app.command()
 def demo(
-    chats: int = typer.Option(200, min=1, help="questions per domain per round"),
+    chats: int = typer.Option(200, help="questions per domain per round"),
     steps: int = round_option("steps", "--steps", help="cloud distillation steps per round"),
     budget: int = round_option("downlink_budget_bytes", "--budget", help="largest patch file in bytes"),
     home: Optional[Path] = typer.Option(None, help="data folder (default: a fresh temporary one)"),

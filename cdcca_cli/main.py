@@ -29,7 +29,7 @@ def models_build(
     preset: str = typer.Option("default", help="tiny | default"),
     data: Optional[Path] = typer.Option(None, "--data", help="train on your own LLaVA JSON instead of generated data"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: <home>/zoo/<preset>-<hash>)"),
-    force: bool = typer.Option(False, help="rebuild even if a cached build matches"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if a cached build matches"),
 ):
     """Train the student + teacher pair, export the student to GGUF, report accuracies."""
     with one_line_errors():
@@ -77,7 +77,7 @@ def data_generate(
     out: Path = typer.Argument(..., help="folder to write <domain>.json and images/ into"),
     domains: str = typer.Option("source,texture,noise,combo,rotate", help="comma-separated domains"),
     n: int = typer.Option(100, help="samples per domain"),
-    seed: int = typer.Option(1234),
+    seed: int = typer.Option(1234, help="generator seed (same seed, same samples)"),
 ):
     """Write generated samples as LLaVA conversation JSON with PNG images beside it."""
     with one_line_errors():

@@ -24,7 +24,7 @@ def tui(
     lr: float = round_option("learning_rate", "--lr"),
     seed: int = round_option("seed", "--seed", help="seed of the cloud's training"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the on-device accuracy before/after"),
-    eval_per_domain: Optional[int] = typer.Option(None, min=1, help="held-out questions per domain for the accuracy "
+    eval_per_domain: Optional[int] = typer.Option(None, help="held-out questions per domain for the accuracy "
                                                                    "(default: the same as `cdcca sync`)"),
 ):
     """Chat, watch the uplink queue, run and follow cloud rounds, switch versions: one window.

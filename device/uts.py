@@ -298,7 +298,9 @@ class _Plan:
 
     def describe(self) -> str:
         vis = f"{self.n_visual} visual tokens {self.dtype}" if self.n_visual else "no visual tokens"
-        img = "no image" if not self.image else ("lossless image" if self.quality is None else f"webp q{self.quality}")
+        # the image as the model sees it (already resized to its input size), then re-encoded
+        img = "no image" if not self.image else ("model-size image, lossless" if self.quality is None
+                                                 else f"model-size image, webp q{self.quality}")
         return f"{vis}, {img}"
 
 

@@ -17,10 +17,11 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
+from textual.widgets import Footer, Input, TabbedContent, TabPane
 
 from tui.backend import Backend
-from tui.screens import ConfirmScreen, HelpScreen
+from tui.versions import TAB_ROUNDS, VersionActions
+from tui.screens import HelpScreen
 from tui.state import CloudView, TuiState, one_line
 from tui.widgets.chat import ChatPane
 from tui.widgets.downlink import DownlinkPanel
@@ -28,7 +29,7 @@ from tui.widgets.plots import AccuracyPanel, EntropyHistogram
 from tui.widgets.rounds import RoundPanel
 from tui.widgets.uplink import UplinkPanel
 
-TABS = {"chat": "tab-chat", "rounds": "tab-rounds", "plots": "tab-plots"}
+TABS = {"chat": "tab-chat", "rounds": TAB_ROUNDS, "plots": "tab-plots"}
 
 
 class UiCall(Message):
@@ -40,7 +41,7 @@ class UiCall(Message):
         self.fn, self.args, self.kwargs = fn, args, kwargs
 
 
-class CdccaApp(App[None]):
+class CdccaApp(VersionActions, App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "cdcca"
     ENABLE_COMMAND_PALETTE = False
@@ -264,37 +265,6 @@ class CdccaApp(App[None]):
         self.chat.set_status("kept for the uplink" if t.kept else "ready")
         self.render_plots()
 
-    # --- another face (cdcca sync, cdcca versions) may switch the model under us ------------
-    @work(thread=True, exclusive=True, group="watch")
-    def watch_current(self) -> None:
-        """(timer) read the store's CURRENT; on a change, reload the chat model and redraw."""
-        try:
-            on_disk = self.backend.disk_version()
-        except Exception:
-            return
-        if self.state.round.running or not self.state.version_changed(on_disk):
-            return
-        try:
-            now = self.backend.follow_disk()
-        except Exception as e:
-            self._ui(self.notify, one_line(e), title="device model", severity="error")
-            return
-        self._ui(self.notify, f"the device model changed on disk: now {now or on_disk} (reloaded)",
-                 title="device model")
-        self._refresh_device()
-
-    def _turn_failed(self, error: BaseException) -> None:
-        self.chat.transcript.update_last(self.state.fail_turn(error))
-        self.chat.set_status("ready")
-
-    def _queue_changed(self, stats: Any) -> None:
-        self.state.set_queue(stats)
-        self.render_panels()
-
-    def action_focus_question(self) -> None:
-        self.action_tab("chat")
-        self.chat.question.focus()
-
     # --- cloud: health and upload ---------------------------------------------------------
     @work(thread=True, exclusive=True, group="health")
     def check_cloud(self) -> None:
@@ -414,66 +384,6 @@ class CdccaApp(App[None]):
         if self._cancel is not None and self.state.cancel_requested():
             self._cancel.set()
             self.render_panels()
-
-    # --- versions -------------------------------------------------------------------------
-    def _selected_version(self) -> str | None:
-        """The version row highlighted in the history table (on the Rounds tab), if any."""
-        if self.tabs.active != TABS["rounds"]:
-            return None
-        table = self.query_one("#versions-table", DataTable)
-        if not table.row_count:
-            return None
-        try:
-            return str(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value)
-        except Exception:
-            return None
-
-    def action_switch_version(self) -> None:
-        """F9: roll back to the parent, or (Rounds tab) switch to the highlighted version.  The
-        versions are read from disk first, so the dialog names the ones it will really act on."""
-        if self.state.round.running:
-            self.notify("a round is running", title="versions", severity="warning")
-            return
-        self.ask_switch(self._selected_version())
-
-    @work(thread=True, exclusive=True, group="versions")
-    def ask_switch(self, target: str | None) -> None:
-        try:
-            self.backend.follow_disk()
-            versions, current = self.backend.versions()
-            sizes = self.backend.patch_sizes()
-        except Exception as e:
-            self._ui(self.notify, one_line(e), title="versions", severity="error")
-            return
-        self._ui(self._confirm_switch, versions, current, sizes, target)
-
-    def _confirm_switch(self, versions: list[Any], current: str | None, sizes: dict[str, int],
-                        target: str | None) -> None:
-        self.state.set_versions(versions, current, sizes)
-        self.chat.set_model(self.state.model_label)
-        self.render_rounds()
-        q = self.state.switch_question(target)
-        if q is None:
-            self.notify("nothing to switch to (highlight a version on the Rounds tab)", title="versions",
-                        severity="warning")
-            return
-        cur, dest, question = q
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.switch(dest, cur)
-
-        self.push_screen(ConfirmScreen(question), answered)
-
-    @work(thread=True, exclusive=True, group="versions")
-    def switch(self, target: str, expected_current: str) -> None:
-        try:
-            version = self.backend.switch(target, expected_current)
-        except Exception as e:
-            self._ui(self.notify, one_line(e), title="versions", severity="error")
-        else:
-            self._ui(self.notify, f"now on {version.id}", title="versions")
-        self._refresh_device()
 
     # --- screens and tabs -----------------------------------------------------------------
     def action_help(self) -> None:

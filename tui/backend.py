@@ -215,8 +215,10 @@ class DeviceBackend:
         model = self._model()
         if model.store is None:
             raise ValueError("this model was given as files; it has no versions to switch between")
-        version = switch_version(model.store, target, expected_current)
-        self.reload(self._model())
+        with self._lock:  # the store writes the live (memory-mapped) files in place: no answer meanwhile
+            version = switch_version(model.store, target, expected_current)
+            if self._session is not None:
+                self._session.reload(self._model())
         return version
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-ROLES = ("model", "mmproj")
+from device.contracts.config import FILE_ROLES as ROLES  # the one list of a model's file roles
 
 
 def file_sha256(path: str | Path) -> str:

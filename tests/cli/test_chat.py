@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from cloud.zoo import scenes
+from device.contracts.config import load_settings
 
 CDCCA = [sys.executable, "-m", "cdcca_cli"]
 
@@ -32,7 +33,7 @@ def image(tmp_path) -> Path:
 
 
 def _queued(home: Path) -> int:
-    db = home / "device" / "queue.sqlite"
+    db = load_settings(home=home).queue_path
     if not db.exists():
         return 0
     with sqlite3.connect(db) as c:

@@ -118,3 +118,24 @@ def test_cloud_down_light_theme(snap_compare, scene):
         await wait_for(pilot, lambda: pilot.app.state.round.outcome == "failed", 5, "the round")
 
     assert snap_compare(make_app(backend, scene[0]), terminal_size=SIZE, run_before=run_before)
+
+
+def test_a_round_that_lowered_accuracy_warns(snap_compare, scene):
+    """Bug 9: the warning names the version F9 goes back to."""
+    backend = FakeBackend(drop=True)
+
+    async def run_before(pilot):
+        await chat(pilot, scene, 1)
+        await one_round(pilot)
+
+    assert snap_compare(make_app(backend, scene[0]), terminal_size=SIZE, run_before=run_before)
+
+
+def test_a_rejected_token(snap_compare, scene):
+    """Bug 8: online, but the cloud refuses this device's token."""
+    backend = FakeBackend(token_ok=False)
+
+    async def run_before(pilot):
+        await chat(pilot, scene, 1)
+
+    assert snap_compare(make_app(backend, scene[0]), terminal_size=SIZE, run_before=run_before)

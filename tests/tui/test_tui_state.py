@@ -263,3 +263,13 @@ def test_one_patch_size_in_the_round_row_and_the_version_history():
     vs = [Version("v0", None, "", "t", {}), Version("v1", "v0", "round-1", "t", {}, patch_bytes=38_736)]
     s.set_versions(vs, "v1", {"v1": row.downlink_bytes})
     assert s.versions[1].patch_bytes == row.downlink_bytes == 50_000
+
+
+def test_the_uplink_panel_follows_the_rounds_upload():
+    """Bug 6: 'last: none yet' forever after rounds uploaded the queue."""
+    s = TuiState()
+    s.round_started()
+    s.on_stage("upload", 1.0, "3 new samples, 0 already there")
+    assert s.uplink.last_upload == "in round: 3 new samples, 0 already there" and s.uplink.last_ok
+    s.round_done(report(1))
+    assert s.uplink.last_upload == "4 sent in round round-1"
