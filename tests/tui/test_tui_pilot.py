@@ -334,3 +334,22 @@ async def test_a_wrong_token_shows_token_rejected(loopback):
             assert app.state.round.stage("measure").status == "pending"  # failed before measuring
     finally:
         backend.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_round_with_nothing_new_says_so_at_once(loopback):
+    """Bug 3's second half: no queued sample and none unused on the cloud -> one line, before
+    the on-device measurement (it used to measure for ~20 s, then fail 409 'upload some first')."""
+    settings = load_settings(cloud_url=loopback.url, device_token=loopback.add_device("empty"))
+    backend = DeviceBackend(settings, retries=0)
+    app = CdccaApp(backend, health_interval=None)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.state.model_ready and app.state.cloud.online, 15, "model + cloud")
+            assert app.state.cloud.token_ok
+            await pilot.press("f5")
+            await wait_for(pilot, lambda: app.state.round.outcome == "failed", 10, "the refused round")
+            assert "nothing new to learn from" in app.state.round.error
+            assert app.state.round.stage("measure").status == "pending"
+    finally:
+        backend.close()
