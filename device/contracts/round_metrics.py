@@ -32,6 +32,21 @@ def face_stage(cloud_stage: str) -> str:
     return CLOUD_TO_STAGE.get(cloud_stage, "distil")
 
 
+# ``RoundStatus.progress`` is the whole round's fraction; each face row covers this span of it
+# (cloud/round_job.py reports distil up to 0.75, compress at 0.78, evaluate at 0.88, done at 1).
+ROW_SPANS = {"distil": (0.0, 0.75), "compress": (0.75, 0.88), "cloud eval": (0.88, 1.0)}
+
+
+def face_progress(cloud_stage: str, progress: float) -> tuple[str, float]:
+    """(face row, that row's own fraction) for a cloud stage and the round's overall progress, so
+    a row's bar and the cloud's message agree ("cloud eval 0 %" while it evaluates)."""
+    row = face_stage(cloud_stage)
+    if cloud_stage == "done":
+        return row, 1.0
+    lo, hi = ROW_SPANS[row]
+    return row, min(1.0, max(0.0, (float(progress) - lo) / (hi - lo)))
+
+
 class _Open(BaseModel):
     # the producer may add fields before every face knows them: keep, do not refuse
     model_config = ConfigDict(extra="allow")
