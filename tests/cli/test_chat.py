@@ -137,4 +137,4 @@ def test_queue_reports_ratios(image):
     for q in ("what colour is the circle?", "how many shapes are there?", "describe the image."):
         assert run("chat", "--image", str(image), q).returncode == 0
     r = run("queue")
-    assert r.returncode == 0 and "chats answered 3" in r.stdout and "of every chat" in r.stdout
+    assert r.returncode == 0 and "chats answered 3" in r.stdout and "for every chat" in r.stdout
