@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from gguf import GGUFReader
-
+from device.contracts.gguf_index import GGUFIndex, GGUFIndexError, read_index
 from device.contracts.model_id import file_sha256 as sha256_file  # noqa: F401  (used by versions)
 from device.contracts.patch_format import Patch, PatchEntry, PatchError, data_region_sha256, n_rows, read_patch
 
@@ -46,19 +45,25 @@ def plan_patch(patch: Patch, files: Mapping[str, Path]) -> list[Placement]:
     bounds, and a base hash that differs from the bytes now in the files: that single check catches
     a patch built for another base AND a patch applied twice.
     """
-    readers = {}
+    indexes = {}
+    for role in sorted({e.role for e in patch.entries}):
+        if role not in files:
+            raise PatchError(f"{patch.path}: targets the {role} file, which this version does not have")
+        try:
+            indexes[role] = read_index(files[role])
+        except GGUFIndexError as e:
+            raise PatchError(str(e)) from None
+    placements = [_place(patch.path, e, p, indexes[e.role]) for e, p in zip(patch.entries, patch.payloads)]
+    base = hashlib.sha256()
+    handles = {}
     try:
-        for role in sorted({e.role for e in patch.entries}):
-            if role not in files:
-                raise PatchError(f"{patch.path}: targets the {role} file, which this version does not have")
-            readers[role] = GGUFReader(files[role], "r")
-        placements = [_place(patch.path, e, p, readers[e.role]) for e, p in zip(patch.entries, patch.payloads)]
-        base = hashlib.sha256()
         for pl in placements:
-            data = readers[pl.entry.role].data
-            base.update(data[pl.file_offset:pl.file_offset + pl.entry.nbytes].tobytes())
+            f = handles.get(pl.entry.role) or handles.setdefault(pl.entry.role, open(files[pl.entry.role], "rb"))
+            f.seek(pl.file_offset)
+            base.update(f.read(pl.entry.nbytes))
     finally:
-        readers.clear()
+        for f in handles.values():
+            f.close()
     if base.hexdigest() != patch.meta.base_hash:
         raise PatchError(f"{patch.path}: base hash mismatch: the patch was built for other weights "
                          "or is already applied; nothing written")
@@ -66,9 +71,9 @@ def plan_patch(patch: Patch, files: Mapping[str, Path]) -> list[Placement]:
     return placements
 
 
-def _place(path: Path, e: PatchEntry, payload: bytes, reader: GGUFReader) -> Placement:
+def _place(path: Path, e: PatchEntry, payload: bytes, index: GGUFIndex) -> Placement:
     """Resolve one entry; every mismatch names the tensor so the cloud side can be debugged."""
-    tensor = next((t for t in reader.tensors if t.name == e.tensor), None)
+    tensor = index.tensor(e.tensor)
     where = f"{path}: {e.role}:{e.tensor}"
     if tensor is None:
         raise PatchError(f"{where}: no such tensor in the device's {e.role} file")

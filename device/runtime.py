@@ -107,10 +107,10 @@ def _no_weight_repacking(repack: bool):
 
 def _vision_geometry(mmproj: Path) -> tuple[int, int]:
     """(image_size, patch_size) of an mmproj: the size images are resized to before libmtmd."""
-    from gguf import GGUFReader
+    from device.contracts.gguf_index import read_index
 
-    r = GGUFReader(str(mmproj), "r")
-    return int(r.get_field("clip.vision.image_size").contents()), int(r.get_field("clip.vision.patch_size").contents())
+    kv = read_index(mmproj).scalars
+    return int(kv["clip.vision.image_size"]), int(kv["clip.vision.patch_size"])
 
 
 def _check_file(path: Path, what: str) -> None:

@@ -36,9 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from gguf import GGUFReader
-
 from device import journal as jr
+from device.contracts.gguf_index import GGUFIndexError, read_index
 from device.contracts.patch_format import PatchError, read_patch
 from device.patch import clone_file, fcntl, fsync_dir, plan_patch, sha256_file, verify_written, write_durable
 
@@ -179,9 +178,9 @@ class VersionStore:
         sources = {"model": Path(model_path), **({"mmproj": Path(mmproj_path)} if mmproj_path else {})}
         for role, src in sources.items():
             try:
-                GGUFReader(src, "r")
-            except Exception as e:
-                raise VersionError(f"{src}: not a loadable GGUF {role} file ({str(e).splitlines()[0] if str(e) else e})") from None
+                read_index(src)
+            except GGUFIndexError as e:
+                raise VersionError(f"not a loadable GGUF {role} file: {e}") from None
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
             self._recover_locked()

@@ -34,6 +34,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
+from device.contracts.gguf_guard import check_gguf_header
+
 FORMAT_VERSION = 1
 ARCH = "cdcca-patch"
 ROLES = ("model", "mmproj")
@@ -269,6 +271,7 @@ def read_patch(path: str | os.PathLike) -> Patch:
     """Parse and fully validate a patch file; any defect is one ``PatchError`` line naming the file."""
     path = Path(path)
     try:
+        check_gguf_header(path)  # gguf-py trusts the header's counts: bound them first
         reader = GGUFReader(path, "r")
     except Exception as e:  # untrusted input: any parser failure means "not a patch"
         raise PatchError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
@@ -336,7 +339,9 @@ def _payloads(path: Path, reader: GGUFReader, entries: Sequence[PatchEntry]) -> 
 def data_region_sha256(path: str | os.PathLike) -> str:
     """sha256 of a GGUF's tensor-data region (data_offset..EOF): pins a whole base file cheaply
     in meaning (metadata edits do not count), at the cost of one read of the file."""
-    offset = GGUFReader(path, "r").data_offset
+    from device.contracts.gguf_index import read_index  # fast: skips the vocabulary
+
+    offset = read_index(path).data_start
     h = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(offset)

@@ -168,3 +168,20 @@ def test_recorder_uses_fast_path_unless_exact():
     fast, exact = UncertaintyRecorder(), UncertaintyRecorder(exact=True)
     a, b = fast(x), exact(x)
     assert b == token_stats(x) and a.entropy == pytest.approx(b.entropy, rel=2e-6) and a.token_id == b.token_id
+
+
+def test_blocked_fast_path_edges():
+    """Above 64k tokens the fast path works in blocks: argmax at either end, masked tokens, ties."""
+    rng, sc = np.random.default_rng(7), Scratch()
+    for where in (0, 262143, 70000):
+        x = rng.standard_normal(262144).astype(np.float32)
+        x[where] = 9.0
+        h, p, m, a = reference(x)
+        t = token_stats_fast(x, sc)
+        assert t.token_id == a == where and t.entropy == pytest.approx(h, rel=1e-5)
+        assert t.margin == pytest.approx(m, rel=1e-5)
+    x[::5] = -np.inf  # falls back to the exact path
+    assert token_stats_fast(x, sc) == token_stats(x)
+    tie = np.zeros(100_000, np.float32)
+    tie[[10, 90_000]] = 4.0
+    assert token_stats_fast(tie, sc).margin == pytest.approx(0.0, abs=1e-7)
