@@ -154,7 +154,7 @@ def queue():
                       f"(pending {st.pending}, sent {st.sent}, acknowledged {st.acknowledged})")
         console.print(f"pending bytes {st.pending_bytes:,}; all kept samples: shipped {st.shipped_bytes:,} B "
                       f"vs {st.raw_bytes:,} B a no-selection uplink would send for those samples ({st.ratio:.2%}); "
-                      f"vs {st.seen_raw_bytes:,} B for every chat: {st.ratio_all:.3%}")
+                      f"vs {st.seen_raw_bytes:,} B for every chat: {st.ratio_all:.3%}", soft_wrap=True)
         console.print("[dim](no-selection = the original image file + the full fp32 distribution of every answer "
                       "token + all visual tokens; see device/uts.py)[/]", highlight=False, soft_wrap=True)
 
