@@ -1,6 +1,7 @@
 """`cdcca sync`: one cloud round from the device's side.
 
-upload pending queue -> make sure the cloud has this model -> request the round -> follow its
+check the token and that there is something to learn from (one request, before any slow work) ->
+measure the current model -> upload pending queue -> make sure the cloud has this model -> request the round -> follow its
 progress -> download the patch -> verify + atomic apply (new version) -> reload the runtime ->
 evaluate on the device's held-out set -> report.  Each step is one call; the CLI and the TUI
 both drive this function and only render its progress and report.
@@ -14,16 +15,30 @@ from pathlib import Path
 from typing import Callable
 
 from device.contracts.config import DEFAULT_MODEL_DIR, Settings
-from device.contracts.wire import RoundOptions, RoundRequest
+from device.contracts.round_metrics import STAGES, RoundMetrics, face_progress
+from device.contracts.patch_format import PatchError
+from device.contracts.signing import SignatureError, verify_patch
+from device.contracts.wire import RoundOptions, RoundRequest, RoundStatus
 from device.evaluate import evaluate, load_eval_set
 from device.models import DeviceModel, open_device_model
+from device.preflight import NothingToLearn, preflight
 from device.queue import Queue
+from device.resume import clear_inflight, follow, load_inflight, release, sync_lock
 from device.runtime import Runtime, RuntimeConfig
-from device.uplink import CloudClient, sync_queue
+from device.smoke import smoke_test
+from device.trust import private_dir, trusted_key
+from device.uplink import MAX_PATCH_BYTES, CloudClient, CloudError, sync_queue
+from device.versions import VersionError
 
 Stage = Callable[[str, float, str], None]
-STAGES = ("measure", "upload", "distil", "compress", "download", "apply", "evaluate")
+__all__ = ["STAGES", "NothingToLearn", "SyncOptions", "SyncReport", "run_sync"]
 DEFAULT_EVAL = DEFAULT_MODEL_DIR / "eval" / "eval.json"
+INCOMING_PATCH = "incoming.gguf"  # the one patch being downloaded/applied (one sync at a time)
+
+
+class PatchRefused(RuntimeError):
+    """The round's patch was not taken (bad signature, refused by the store, failed smoke test):
+    the device is on its previous version and the round was released on the cloud."""
 
 
 @dataclass
@@ -38,6 +53,8 @@ class SyncOptions:
 @dataclass
 class SyncReport:
     round_id: str = ""
+    resumed: bool = False  # the round was already in flight (an earlier sync broke off)
+    samples_learned: int = 0  # what the round trained on (samples uploaded by earlier syncs count)
     uploaded: int = 0
     duplicates: int = 0
     uplink_bytes: int = 0
@@ -54,7 +71,7 @@ class SyncReport:
     round_seconds: float = 0.0
     accuracy_before: dict | None = None
     accuracy_after: dict | None = None
-    cloud: dict = field(default_factory=dict)
+    cloud: RoundMetrics = field(default_factory=RoundMetrics)
 
     @property
     def uplink_ratio(self) -> float:
@@ -65,7 +82,9 @@ class SyncReport:
         return self.downlink_bytes / self.full_gguf_bytes if self.full_gguf_bytes else 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"uplink_ratio": self.uplink_ratio, "downlink_ratio": self.downlink_ratio}
+        d = asdict(self)
+        d["cloud"] = self.cloud.model_dump()
+        return d | {"uplink_ratio": self.uplink_ratio, "downlink_ratio": self.downlink_ratio}
 
 
 def _check(cancel: threading.Event | None) -> None:
@@ -86,23 +105,74 @@ def _eval(model: DeviceModel, opts: SyncOptions, threads: int) -> dict | None:
 def run_sync(settings: Settings, client: CloudClient, opts: SyncOptions | None = None, quant: str | None = None,
              on_stage: Stage | None = None, cancel: threading.Event | None = None,
              reload: Callable[[DeviceModel], float] | None = None) -> SyncReport:
-    """Run one round; ``reload`` (e.g. a live ChatSession's) is called with the new model."""
+    """Run one round (or finish the one in flight); ``reload`` (e.g. a live ChatSession's) is
+    called with the new model.  One sync at a time per device (an flock in the device dir)."""
     opts = opts or SyncOptions()
-    stage = on_stage or (lambda *_: None)
+    with sync_lock(settings.device_dir):
+        return _run_locked(settings, client, opts, quant, on_stage or (lambda *_: None), cancel, reload)
+
+
+def _run_locked(settings: Settings, client: CloudClient, opts: SyncOptions, quant: str | None, stage: Stage,
+                cancel: threading.Event | None, reload: Callable[[DeviceModel], float] | None) -> SyncReport:
     rep = SyncReport()
     model = open_device_model(settings, quant=quant)
     if model.store is None:
         raise ValueError("sync needs the versioned device model (not --model files)")
     rep.version_before = model.version
     rep.full_gguf_bytes = sum(p.stat().st_size for p in model.files().values())
+    key = trusted_key(settings.device_dir, client.health().signing_key)
+    rec = load_inflight(settings.device_dir)
+    if rec is not None and rec.base_model != model.id:  # the device moved on (rollback, switch)
+        release(client, settings.device_dir, rec.round_id)
+        rec = None
+    stage("check", 0.0, "checking the token and the samples to learn from")
+    pending = preflight(settings, client) if rec is None else 0  # a round in flight has its samples
+    stage("check", 1.0, f"resuming round {rec.round_id}" if rec else f"{pending} samples to upload")
+    _check(cancel)
     stage("measure", 0.0, "measuring the current model on the held-out set")
     rep.accuracy_before = _eval(model, opts, settings.threads)
     stage("measure", 1.0, "")
     _check(cancel)
+    _upload(settings, client, model, rep, stage)
 
+    _check(cancel)
+    t0 = time.time()
+
+    def progress(s):
+        if cancel is not None and cancel.is_set():
+            client.cancel_round(s.round_id)
+            raise InterruptedError("sync cancelled")
+        stage(*face_progress(s.stage, s.progress), s.message)
+
+    request = RoundRequest(base_model=model.id, options=opts.round)
+    st, rep.resumed = follow(client, settings.device_dir, request, rec, progress, opts.timeout_s,
+                             on_restart=lambda rid: stage("distil", 0.0, f"the cloud lost round {rid}; starting again"))
+    rep.round_id = st.round_id
+    rep.round_seconds = time.time() - t0
+    rep.cloud = RoundMetrics.model_validate(st.metrics)
+    dwc = rep.cloud.dwc
+    rep.samples_learned = rep.cloud.samples or st.n_samples
+    rep.full_fp16_delta_bytes = dwc.full_fp16_delta_bytes
+    rep.tensors_patched, rep.rows_patched = dwc.tensors_patched, dwc.rows_patched
+
+    _check(cancel)
+    new_model = _downlink(settings, client, model, st, key, opts, quant, rep, stage, cancel)
+    if reload is not None:
+        rep.reload_seconds = reload(new_model)
+    else:
+        t = time.perf_counter()
+        Runtime(RuntimeConfig(new_model.model, new_model.mmproj, n_threads=settings.threads)).close()
+        rep.reload_seconds = time.perf_counter() - t
+    stage("evaluate", 0.0, "measuring the patched device model")
+    rep.accuracy_after = _eval(new_model, opts, settings.threads)
+    stage("evaluate", 1.0, "done")
+    return rep
+
+
+def _upload(settings: Settings, client: CloudClient, model: DeviceModel, rep: SyncReport, stage: Stage) -> None:
     stage("upload", 0.0, "uploading the device model if the cloud lacks it")
     client.ensure_model(model.id, model.files())
-    with Queue(settings.device_dir / "queue.sqlite") as q:
+    with Queue(settings.queue_path) as q:
         q.reset_sent_to_pending()
         sizes = {r.sample_id: (r.shipped_bytes, r.raw_bytes) for r in q.pending()}
         try:
@@ -116,45 +186,48 @@ def run_sync(settings: Settings, client: CloudClient, opts: SyncOptions | None =
     rep.uplink_raw_bytes = sum(sizes[i][1] for i in acked)
     stage("upload", 1.0, f"{rep.uploaded} new samples, {rep.duplicates} already there")
 
-    _check(cancel)
-    t0 = time.time()
-    st = client.start_round(RoundRequest(base_model=model.id, options=opts.round))
-    rep.round_id = st.round_id
 
-    def progress(s):
-        if cancel is not None and cancel.is_set():
-            client.cancel_round(s.round_id)
-            raise InterruptedError("sync cancelled")
-        name = {"load": "distil", "label": "distil", "evaluate": "compress", "done": "compress"}.get(s.stage, s.stage)
-        stage(name if name in STAGES else "distil", s.progress, f"[{s.round_id}] {s.message}")
+def patch_cap(opts: RoundOptions) -> int:
+    """Most bytes the device downloads for one patch: the payload budget plus generous room for
+    the GGUF header and entry table; anything bigger is refused mid-stream."""
+    return min(MAX_PATCH_BYTES, 2 * opts.downlink_budget_bytes + (1 << 20))
 
-    st = client.wait_round(st.round_id, on_progress=progress, timeout=opts.timeout_s)
-    rep.round_seconds = time.time() - t0
-    if st.state != "done":
-        raise RuntimeError(f"round {st.round_id} {st.state}: {st.message}")
-    rep.cloud = st.metrics
-    dwc = st.metrics.get("dwc", {})
-    rep.full_fp16_delta_bytes = int(dwc.get("full_fp16_delta_bytes", 0))
-    rep.tensors_patched, rep.rows_patched = int(dwc.get("tensors_patched", 0)), int(dwc.get("rows_patched", 0))
 
-    _check(cancel)
-    stage("download", 0.0, "downloading the patch")
-    dest = settings.device_dir / "patches" / f"{st.round_id}.gguf"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    got = client.download_patch(st.round_id, dest)
-    rep.downlink_bytes = got.bytes
-    _check(cancel)
-    stage("apply", 0.0, "verifying and applying the patch")
-    res = model.store.apply_patch(dest)
-    rep.apply_seconds, rep.version_after = res.seconds, res.version.id
-    new_model = open_device_model(settings, quant=quant)
-    if reload is not None:
-        rep.reload_seconds = reload(new_model)
+def _downlink(settings: Settings, client: CloudClient, model: DeviceModel, st: RoundStatus, key: str | None,
+              opts: SyncOptions, quant: str | None, rep: SyncReport, stage: Stage,
+              cancel: threading.Event | None) -> DeviceModel:
+    """Download, authenticate, apply, smoke-test.  Any refusal leaves the device on its current
+    version, releases the round on the cloud (its samples become usable again) and raises one line."""
+    store, rid = model.store, st.round_id
+    if rep.resumed and store.current().round_id == rid:
+        new_model = model  # applied before a crash cleared the record: only the smoke test is left
+        rep.version_after = new_model.version
     else:
-        t = time.perf_counter()
-        Runtime(RuntimeConfig(new_model.model, new_model.mmproj, n_threads=settings.threads)).close()
-        rep.reload_seconds = time.perf_counter() - t
-    stage("evaluate", 0.0, "measuring the patched device model")
-    rep.accuracy_after = _eval(new_model, opts, settings.threads)
-    stage("evaluate", 1.0, "done")
-    return rep
+        stage("download", 0.0, "downloading the patch")
+        dest = settings.device_dir / "patches" / INCOMING_PATCH  # named by the device, never by the cloud
+        private_dir(dest.parent)
+        try:
+            got = client.download_patch(rid, dest, max_bytes=patch_cap(opts.round))
+            rep.downlink_bytes = got.bytes
+            if key is not None:
+                verify_patch(key, got.signature, got.sha256, rid, model.id)
+            _check(cancel)
+            stage("apply", 0.0, "verifying and applying the patch")
+            res = store.apply_patch(dest)
+        except (SignatureError, PatchError, VersionError) as exc:
+            release(client, settings.device_dir, rid)
+            raise PatchRefused(f"{exc}; the device stays on {model.version}") from None
+        finally:
+            dest.unlink(missing_ok=True)
+        rep.apply_seconds, rep.version_after = res.seconds, res.version.id
+        new_model = open_device_model(settings, quant=quant)
+    stage("apply", 0.5, "smoke-testing the new version")
+    smoke = smoke_test(new_model, model, threads=1)
+    if not smoke.ok:
+        back = store.rollback()
+        release(client, settings.device_dir, rid)
+        raise PatchRefused(f"the patch of round {rid} failed the smoke test ({smoke.reason}); "
+                           f"rolled back to {back.id}")
+    clear_inflight(settings.device_dir)
+    stage("apply", 1.0, f"now on {rep.version_after}")
+    return new_model
