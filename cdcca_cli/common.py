@@ -56,7 +56,19 @@ def cloud_url_option() -> Any:
 
 def token_option() -> Any:
     return typer.Option(None, "--token", envvar="CDCCA_DEVICE_TOKEN",
-                        help="this device's bearer token, from `cdcca cloud add-device NAME` on the cloud")
+                        help="this device's bearer token, from `cdcca cloud add-device NAME` on the cloud; "
+                             "a flag shows in `ps`: prefer CDCCA_DEVICE_TOKEN or the 0600 file <home>/device/token")
+
+
+def load_device_settings(**overrides: Any) -> Any:
+    """Settings with the device token resolved: --token / CDCCA_DEVICE_TOKEN first, else the
+    token file ``<home>/device/token`` (refused if others can read it)."""
+    from device.contracts.config import load_settings
+    from device.trust import read_token
+
+    s = load_settings(**overrides)
+    s.device_token = read_token(s.device_dir, s.device_token)
+    return s
 
 
 def setting_default(name: str) -> Any:

@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from .common import cloud_url_option, console, one_line_errors, quant_option, round_option, token_option
+from .common import (cloud_url_option, console, load_device_settings, one_line_errors, quant_option, round_option,
+                     token_option)
 from .main import app
 
 
@@ -112,14 +113,14 @@ def sync(
 
     Checks the token and that there is something new to learn from first (one request)."""
     with one_line_errors():
-        from device.contracts.config import load_settings
         from device.contracts.wire import RoundOptions
         from device.preflight import preflight
         from device.uplink import CloudClient
 
-        s = load_settings(cloud_url=cloud_url, device_token=token)
+        s = load_device_settings(cloud_url=cloud_url, device_token=token)
         if not s.device_token:
-            raise ValueError("no device token: run `cdcca cloud add-device NAME` on the cloud and set CDCCA_DEVICE_TOKEN")
+            raise ValueError("no device token: run `cdcca cloud add-device NAME` on the cloud, then set CDCCA_DEVICE_TOKEN "
+                             f"or write it to {s.device_dir / 'token'} (chmod 600)")
         client = CloudClient(s.cloud_url, s.device_token)
         preflight(s, client)  # before importing the round driver (llama.cpp, gguf): fails in ~startup time
         from device.sync import SyncOptions

@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from .common import (cloud_url_option, max_tokens_option, one_line_errors, quant_option, round_option,
-                     threads_option, token_option)
+from .common import (cloud_url_option, load_device_settings, max_tokens_option, one_line_errors, quant_option,
+                     round_option, threads_option, token_option)
 from .main import app
 
 
@@ -32,13 +32,12 @@ def tui(
     Keys: F5 sync, F6 cancel, F2 upload, F9 versions, F10 theme, F1 help, ctrl+q quit; Tab moves
     between the two inputs (no letter you type is ever an action)."""
     with one_line_errors():
-        from device.contracts.config import load_settings
         from device.contracts.wire import RoundOptions
         from device.sync import SyncOptions
         from tui.app import run
         from tui.backend import DeviceBackend
 
-        s = load_settings(threads=threads, max_tokens=max_tokens, cloud_url=cloud_url, device_token=token)
+        s = load_device_settings(threads=threads, max_tokens=max_tokens, cloud_url=cloud_url, device_token=token)
         opts = SyncOptions(RoundOptions(steps=steps, downlink_budget_bytes=budget, learning_rate=lr, seed=seed),
                            evaluate=not no_eval,
                            **({"eval_per_domain": eval_per_domain} if eval_per_domain else {}))
