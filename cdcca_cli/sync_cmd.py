@@ -22,7 +22,7 @@ def report_table(rep) -> "Table":  # noqa: F821
     from device.contracts.round_metrics import accuracy_drop, as_accuracy
 
     t = Table(title=f"round {rep.round_id}", show_header=False)
-    learned = rep.samples_learned or rep.uploaded
+    learned = getattr(rep, "samples_learned", 0) or rep.uploaded
     t.add_row("learned from", f"{learned} samples ({rep.uploaded} uploaded by this sync"
                               + (f", {rep.duplicates} the cloud already had)" if rep.duplicates else ")"))
     if rep.uplink_raw_bytes:

@@ -116,12 +116,13 @@ class FakeBackend:
         self.current = f"v{len(self.versions_)}"
         self.versions_.append(Version(self.current, parent, rid, f"2024-06-0{1 + self.rounds}T12:00:00+00:00",
                                       {}, patch_bytes=61_440 + 1024 * self.rounds))
-        return SyncReport(round_id=rid, uploaded=n, uplink_bytes=1500 * n, uplink_raw_bytes=40_000 * n,
-                          downlink_bytes=61_440 + 1024 * self.rounds, full_gguf_bytes=4_200_000,
-                          full_fp16_delta_bytes=2_100_000, tensors_patched=7 + self.rounds, rows_patched=90,
-                          version_before=parent, version_after=self.current, apply_seconds=0.012,
-                          reload_seconds=0.05, round_seconds=3.0, accuracy_before=before,
-                          accuracy_after=after, samples_learned=n)
+        rep = SyncReport(round_id=rid, uploaded=n, uplink_bytes=1500 * n, uplink_raw_bytes=40_000 * n,
+                         downlink_bytes=61_440 + 1024 * self.rounds, full_gguf_bytes=4_200_000,
+                         full_fp16_delta_bytes=2_100_000, tensors_patched=7 + self.rounds, rows_patched=90,
+                         version_before=parent, version_after=self.current, apply_seconds=0.012,
+                         reload_seconds=0.05, round_seconds=3.0, accuracy_before=before, accuracy_after=after)
+        rep.samples_learned = n  # (a field of SyncReport; set after, so the fake fits older ones too)
+        return rep
 
     def versions(self):
         return list(self.versions_), self.current
