@@ -1,28 +1,28 @@
-"""AKD -- Adapter-based Knowledge Distillation of the cloud teacher into the device's twin.
+"""AKD -- Adapter-based Knowledge Distillation of an HF teacher into the device's twin.
 
-The student is the exact (dequantized) device model; its base weights stay frozen and only PEFT
-LoRA adapters learn: "language adapters" on every decoder projection and "query adapters" on the
-multimodal projector (mm0/mm2).  Three loss terms, each switchable for ablation:
+The student is the family's HF twin of the device GGUF (weights = dequantized GGUF); its base
+weights stay frozen and only PEFT LoRA adapters learn, on the parts the family names: language
+adapters (LM projections), query adapters (the connector) and, for low-level shifts, the vision
+tower.  Loss terms, each switchable for ablation:
 
 * ``ce``   cross-entropy on the teacher's answers (pseudo-labels) for the uplinked samples;
 * ``kd``   KL(teacher || student) over the full vocabulary at temperature T on the answer tokens,
-           with the tokens the device flagged as uncertain (UTS token stage) weighted up;
-* ``feat`` MSE between the student's and the teacher's last hidden states on the answer tokens,
-           through a small learned linear alignment (student dim -> teacher dim; never shipped).
+           uncertain tokens (UTS token stage) weighted up -- only when the teacher tokenizes like
+           the device ("logit" KD); otherwise the teacher's answers are the targets ("sequence" KD);
+* ``feat`` MSE between the student's and the teacher's mean answer hidden states through a
+           learned linear alignment (never shipped); works across tokenizers.
 
-Source replay (ground-truth CE on source samples) keeps the round from forgetting what the device
-already knew -- the field notes measured source collapsing without it.
+Source replay (ground-truth CE on the cloud's replay set) keeps the round from forgetting.
+Every input goes through the family (libmtmd's layout), so the twin trains on what the device sees.
 
 Runs on CPU by default and unchanged under ``accelerate launch`` (an ``Accelerator`` wraps the
-adapter model and optimizer; with one process it is a no-op).  Manual multi-process check:
-``torchrun --nproc_per_node 2 -m cloud.akd_check`` (gloo on CPU; ``accelerate launch
---num_processes N`` on GPUs) -- see that module.
+adapter model and optimizer; with one process it is a no-op); see ``cloud.akd_check``.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,13 +30,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 
-from .zoo.data import Codec, Split, make_batch
-from .zoo.evaluate import generate
-from .zoo.model import TinyLlava, lm_loss
-
-DECODER_TARGETS = r".*text\.layers\.\d+\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PROJECTOR_TARGETS = r".*vision\.(mm0|mm2)"
-VISION_TARGETS = r".*vision\.blocks\.\d+\.(q|k|v|o|up|down)"
+from .families import PARTS, Example, Twin, collate
+from .families.teacher import Teacher
 
 
 @dataclass
@@ -58,13 +53,17 @@ class AKDConfig:
     replay_fraction: float = 0.5
     seed: int = 0
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(p for p, on in zip(PARTS, (True, self.projector_adapter, self.vision_adapter)) if on)
+
 
 @dataclass
 class DistillSet:
     """The round's training data: uplinked images + questions, the teacher's answers, and per
     sample the answer-token positions the device was unsure of."""
 
-    images: np.ndarray
+    images: Sequence[np.ndarray | None]
     questions: list[str]
     labels: list[str]
     uncertain_positions: list[list[int]] = field(default_factory=list)
@@ -73,90 +72,145 @@ class DistillSet:
         return len(self.questions)
 
 
-@torch.no_grad()
-def pseudo_label(teacher: TinyLlava, codec: Codec, images: np.ndarray, questions: list[str]) -> list[str]:
-    return generate(teacher, codec, images, questions)
+@dataclass
+class ReplaySet:
+    """Ground-truth (image, question, answer) the cloud was given (``--replay`` LLaVA JSON)."""
+
+    images: Sequence[np.ndarray | None]
+    questions: list[str]
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.questions)
 
 
-def add_adapters(student: TinyLlava, cfg: AKDConfig):
-    target = DECODER_TARGETS + (f"|{PROJECTOR_TARGETS}" if cfg.projector_adapter else "") + \
-        (f"|{VISION_TARGETS}" if cfg.vision_adapter else "")
-    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=target)
-    return get_peft_model(copy.deepcopy(student), lcfg)
+def pseudo_label(teacher, *args, **kw) -> list[str]:
+    """The teacher's answers.  ``pseudo_label(Teacher, images, questions)``; the legacy TinyLlava
+    signature ``(teacher, codec, images, questions)`` still works until the default switch."""
+    if isinstance(teacher, Teacher):
+        return teacher.answer(*args, **kw)
+    from .akd_tinyllava import pseudo_label as legacy
+
+    return legacy(teacher, *args, **kw)
 
 
-def _answer_mask(labels: torch.Tensor, starts: torch.Tensor, positions: list[list[int]], w_unc: float) -> torch.Tensor:
-    """Per-token KD weight on the text part: 1 on answer tokens, ``w_unc`` on uncertain ones."""
-    w = (labels != -100).float()
-    for i, pos in enumerate(positions):
-        for p in pos:
-            j = int(starts[i]) + p
-            if j < w.shape[1] and w[i, j] > 0:
-                w[i, j] = w_unc
-    return w
+def add_adapters(twin: Twin, cfg: AKDConfig):
+    targets = twin.family.lora_targets(twin.model, cfg.parts)
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(copy.deepcopy(twin.model), lcfg)
 
 
-def _text_slice(logits: torch.Tensor, n_text: int) -> torch.Tensor:
-    """Outputs that predict the text tokens (shifted by one): positions [-n_text-1, -1)."""
-    return logits[:, -n_text - 1:-1]
+def _answer_rows(ex: Sequence[Example]) -> tuple[list[int], list[int]]:
+    """(batch index, position) of every output that predicts an answer token (shifted by one)."""
+    bi, pos = [], []
+    for i, e in enumerate(ex):
+        for p, lab in enumerate(e.labels or []):
+            if lab != -100:
+                bi.append(i)
+                pos.append(p - 1)
+    return bi, pos
 
 
-def distil(student: TinyLlava, teacher: TinyLlava, codec: Codec, dset: DistillSet, replay: Split | None,
-           cfg: AKDConfig, on_step: Callable[[int, dict], None] | None = None,
-           cancelled: Callable[[], bool] | None = None) -> tuple[TinyLlava, dict]:
-    """Train adapters on ``dset`` (+ replay) and return the MERGED student and loss statistics."""
+def _token_weights(ex: Sequence[Example], unc: Sequence[Sequence[int]], w_unc: float) -> torch.Tensor:
+    w = []
+    for e, u in zip(ex, unc):
+        n = sum(1 for lab in (e.labels or []) if lab != -100)
+        w += [w_unc if j in set(u) else 1.0 for j in range(n)]
+    return torch.tensor(w)
+
+
+def _pooled(hidden: torch.Tensor, bi: list[int], pos: list[int], n: int) -> torch.Tensor:
+    """Mean hidden state over each example's answer-predicting positions."""
+    h = hidden[bi, pos]
+    idx = torch.tensor(bi)
+    out = torch.zeros((n, h.shape[-1]), dtype=h.dtype, device=h.device).index_add_(0, idx.to(h.device), h)
+    return out / torch.bincount(idx, minlength=n).clamp(min=1)[:, None].to(h.device).to(h.dtype)
+
+
+def _ce(logits: torch.Tensor, ex: Sequence[Example]) -> tuple[torch.Tensor, list[int], list[int], torch.Tensor]:
+    bi, pos = _answer_rows(ex)
+    tgt = torch.tensor([e.labels[p + 1] for e, p in ((ex[b], p) for b, p in zip(bi, pos))])
+    return F.cross_entropy(logits[bi, pos], tgt.to(logits.device)), bi, pos, tgt
+
+
+def distil(student, teacher, *args, **kw):
+    """Train adapters and return (MERGED student model, loss statistics).
+
+    ``distil(twin: Twin, teacher: Teacher, dset, replay, cfg, on_step, cancelled)``; the legacy
+    TinyLlava signature is dispatched to ``akd_tinyllava`` until the default switch."""
+    if isinstance(student, Twin):
+        return distil_twin(student, teacher, *args, **kw)
+    from .akd_tinyllava import distil as legacy
+
+    return legacy(student, teacher, *args, **kw)
+
+
+def distil_twin(twin: Twin, teacher: Teacher, dset: DistillSet, replay: ReplaySet | None, cfg: AKDConfig,
+                on_step: Callable[[int, dict], None] | None = None,
+                cancelled: Callable[[], bool] | None = None) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed)
+    fam = twin.family
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    # each process draws its own batches; gradients are averaged across processes by DDP
     rng = np.random.default_rng(cfg.seed if acc.process_index == 0 else [cfg.seed, acc.process_index])
-    same_vocab = student.cfg.text.vocab_size == teacher.cfg.text.vocab_size
-    kd_on = cfg.kd and same_vocab
-    model = add_adapters(student, cfg)
-    align = torch.nn.Linear(student.cfg.text.dim, teacher.cfg.text.dim, bias=False)
+    pad = twin.meta.get("pad_id", 0)
+    s_ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]
+    same = teacher.same_tokenizer(twin.vocab, list(dset.labels) + list(dset.questions))
+    kd_on = cfg.kd and same
+    t_ex = [teacher.example(q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)] \
+        if (kd_on or cfg.feat) else []
+    if kd_on:  # logit KD pairs answer tokens one to one
+        n_ans = lambda e: sum(1 for x in e.labels if x != -100)
+        kd_on = all(n_ans(a) == n_ans(b) for a, b in zip(s_ex, t_ex))
+    r_ex = [fam.example(twin, q, im, a) for im, q, a in zip(replay.images, replay.questions, replay.answers)] \
+        if replay is not None and len(replay) else []
+    model = add_adapters(twin, cfg)
+    dim = int(getattr(twin.model.config, "text_config", twin.model.config).hidden_size)
+    align = torch.nn.Linear(dim, teacher.hidden_size, bias=False)
     params = [p for p in model.parameters() if p.requires_grad] + (list(align.parameters()) if cfg.feat else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model, align, opt = acc.prepare(model, align, opt)
-    teacher = teacher.to(acc.device)
-    teacher.eval()
-    n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if replay is not None and len(replay) else 0
-    n_new = cfg.batch_size - n_replay
+    tmodel = teacher.model.to(acc.device).eval()
+    n_replay = int(round(cfg.batch_size * cfg.replay_fraction)) if r_ex else 0
+    n_new = min(cfg.batch_size - n_replay, len(s_ex)) or 1
     hist: dict[str, list[float]] = {"loss": [], "ce": [], "kd": [], "feat": [], "replay": []}
     model.train()
     for step in range(cfg.steps):
         if cancelled is not None and cancelled():
             raise InterruptedError("round cancelled")
-        idx = rng.integers(0, len(dset), n_new)
-        b = make_batch(codec, dset.images[idx], [dset.questions[i] for i in idx], [dset.labels[i] for i in idx])
-        logits, hid = model(b, output_hidden=True)
-        n_text = b.text_ids.shape[1]
-        loss = torch.zeros(())
-        terms = {}
-        s_log = _text_slice(logits, n_text)
-        tgt = b.labels
+        idx = rng.integers(0, len(s_ex), n_new)
+        ex = [s_ex[i] for i in idx]
+        b = {k: v.to(acc.device) for k, v in collate(ex, pad).items() if k != "labels"}
+        out = model(**b, output_hidden_states=True)
+        ce, bi, pos, _ = _ce(out.logits, ex)
+        terms, loss = {}, torch.zeros((), device=acc.device)
         if cfg.ce:
-            terms["ce"] = F.cross_entropy(s_log.reshape(-1, s_log.shape[-1]), tgt.reshape(-1), ignore_index=-100)
-            loss = loss + terms["ce"]
+            terms["ce"] = ce
+            loss = loss + ce
         if kd_on or cfg.feat:
+            tex = [t_ex[i] for i in idx]
+            tb = {k: v.to(acc.device) for k, v in collate(tex, teacher.pad_id).items() if k != "labels"}
             with torch.no_grad():
-                t_logits, t_hid = teacher(b, output_hidden=True)
-            w = _answer_mask(tgt, b.answer_start, [dset.uncertain_positions[i] if dset.uncertain_positions else []
-                                                   for i in idx], cfg.uncertain_weight)
+                tout = tmodel(**tb, output_hidden_states=True)
+            tbi, tpos = _answer_rows(tex)
             if kd_on:
-                T = cfg.temperature
-                t_log = _text_slice(t_logits, n_text)
-                kl = F.kl_div(F.log_softmax(s_log / T, -1), F.log_softmax(t_log / T, -1), log_target=True,
+                T, V = cfg.temperature, out.logits.shape[-1]
+                s_log, t_log = out.logits[bi, pos] / T, tout.logits[tbi, tpos][:, :V] / T
+                kl = F.kl_div(F.log_softmax(s_log, -1), F.log_softmax(t_log, -1), log_target=True,
                               reduction="none").sum(-1) * T * T
+                w = _token_weights(ex, [dset.uncertain_positions[i] if dset.uncertain_positions else [] for i in idx],
+                                   cfg.uncertain_weight).to(kl.device)
                 terms["kd"] = (kl * w).sum() / w.sum().clamp(min=1)
                 loss = loss + cfg.kd_weight * terms["kd"]
             if cfg.feat:
-                sh, th = _text_slice(hid[-1], n_text), _text_slice(t_hid[-1], n_text)
-                fe = (align(sh) - th).pow(2).mean(-1)
-                terms["feat"] = (fe * (w > 0)).sum() / (w > 0).sum().clamp(min=1)
+                sh = _pooled(out.hidden_states[-1], bi, pos, len(ex))
+                th = _pooled(tout.hidden_states[-1], tbi, tpos, len(ex))
+                terms["feat"] = (align(sh) - th).pow(2).mean()
                 loss = loss + cfg.feat_weight * terms["feat"]
         if n_replay:
-            r = replay.batch(codec, rng.integers(0, len(replay), n_replay))
-            terms["replay"] = lm_loss(model(r), r.full_labels(model.cfg.vision.n_patches if r.images is not None else 0))
-            loss = loss + terms["replay"] * (n_replay / cfg.batch_size) / max(n_new / cfg.batch_size, 1e-6)
+            rex = [r_ex[i] for i in rng.integers(0, len(r_ex), n_replay)]
+            rb = {k: v.to(acc.device) for k, v in collate(rex, pad).items() if k != "labels"}
+            terms["replay"] = _ce(model(**rb).logits, rex)[0]
+            loss = loss + terms["replay"] * n_replay / max(n_new, 1)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
@@ -169,5 +223,6 @@ def distil(student: TinyLlava, teacher: TinyLlava, codec: Codec, dset: DistillSe
     model.eval()
     merged = acc.unwrap_model(model).merge_and_unload().cpu()
     stats = {k: float(np.mean(v[-20:])) for k, v in hist.items() if v}
-    stats.update(kd_active=kd_on, steps=cfg.steps, trainable_params=sum(p.numel() for p in params))
+    stats.update(kd_active=kd_on, kd_mode="logit" if kd_on else "sequence", steps=cfg.steps,
+                 trainable_params=sum(p.numel() for p in params), lora_targets=len(fam.lora_targets(twin.model, cfg.parts)))
     return merged, stats

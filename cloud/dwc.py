@@ -12,6 +12,10 @@ re-quantized to the device's own GGUF types, as a GGUF tensor patch.
    receive budget in proportion to how much their updates matter, not equal shares.
 4. Re-quantization uses the device tensor's own type; rows whose re-quantized bytes equal the old
    bytes (an update smaller than the quantization step) are dropped, since they change nothing.
+
+Rows are GGUF rows: the family's RowMaps put every HF parameter row where the converter put it
+(Llama Q/K rows permuted, Gemma norms offset), so deltas, Fisher and patches all live in the
+device file's own row order.
 """
 from __future__ import annotations
 
@@ -24,15 +28,11 @@ import gguf
 import numpy as np
 import torch
 
-from device.contracts.patch_format import make_patch_from_arrays, row_nbytes
-from device.contracts.patch_format import read_patch
+from device.contracts.patch_format import make_patch_from_arrays, read_patch, row_nbytes
 from device.patch import plan_patch, verify_written, write_placements
 
 from . import ggml_quant
-from .zoo.data import Codec, Split
-from .zoo.gguf_load import load_gguf_pair
-from .zoo.gguf_names import tensor_map
-from .zoo.model import TinyLlava, lm_loss
+from .families import Example, Twin, collate, family_for
 
 ENTRY_OVERHEAD = 160  # JSON entry + tensor info bytes per patched range (measured, approximate)
 
@@ -66,37 +66,6 @@ class DWCResult:
     full_fp16_delta_bytes: int
     blocks_considered: int
     per_tensor: dict = field(default_factory=dict)
-
-
-def weight_updates(merged: TinyLlava, twin: TinyLlava) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
-    """{gguf_name: (role, new, delta)} for every tensor whose weights changed (torch order)."""
-    new_s, old_s = merged.state_dict(), twin.state_dict()
-    out = {}
-    for g, (role, t) in tensor_map(twin.cfg).items():
-        delta = (new_s[t] - old_s[t]).detach().float()
-        if torch.count_nonzero(delta):
-            out[g] = (role, new_s[t].detach().float().numpy(), delta.numpy())
-    return out
-
-
-def fisher_diag(model: TinyLlava, codec: Codec, data: Split, n_batches: int, batch_size: int = 32,
-                seed: int = 0) -> dict[str, np.ndarray]:
-    """Diagonal empirical Fisher (mean squared gradient) of the LM loss, per GGUF tensor name."""
-    model = model.train(False)
-    names = {t: g for g, (_, t) in tensor_map(model.cfg).items()}
-    params = dict(model.named_parameters())
-    acc = {n: torch.zeros_like(p) for n, p in params.items() if n in names}
-    rng = np.random.default_rng(seed)
-    for p in params.values():
-        p.requires_grad_(True)
-    for _ in range(n_batches):
-        b = data.batch(codec, rng.integers(0, len(data), min(batch_size, len(data))))
-        model.zero_grad(set_to_none=True)
-        lm_loss(model(b), b.full_labels(model.cfg.vision.n_patches)).backward()
-        for n in acc:
-            if params[n].grad is not None:
-                acc[n] += params[n].grad.detach() ** 2
-    return {names[n]: (a / n_batches).numpy() for n, a in acc.items()}
 
 
 def _types(files: dict[str, Path]) -> dict[str, tuple[gguf.GGMLQuantizationType, tuple[int, ...]]]:
@@ -141,14 +110,51 @@ def select(blocks: list[Block], budget: int | None) -> list[Block]:
     return chosen
 
 
-def compress(merged: TinyLlava, twin: TinyLlava, files: dict[str, Path], out_path: Path, cfg: DWCConfig,
-             round_id: str, parent_version: str = "", fisher: dict | None = None) -> DWCResult:
-    """Write the patch that moves the device from ``twin`` toward ``merged`` within the budget."""
-    updates = weight_updates(merged, twin)
-    types = _types(files)
-    old = {g: twin.state_dict()[t].detach().numpy() for g, (_, t) in tensor_map(twin.cfg).items() if g in updates}
-    blocks, skipped = rank_blocks(updates, fisher, types, cfg, old)
-    chosen = select(blocks, cfg.budget_bytes)
+def weight_updates(merged: torch.nn.Module, twin) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """{gguf_name: (role, new, delta)} in GGUF row order for every tensor whose weights changed."""
+    if not isinstance(twin, Twin):
+        from .dwc_tinyllava import weight_updates as legacy
+
+        return legacy(merged, twin)
+    new, old = twin.family.gguf_state(twin, merged), twin.family.gguf_state(twin)
+    out = {}
+    for g, (role, arr) in new.items():
+        delta = arr - old[g][1]
+        if np.count_nonzero(delta):
+            out[g] = (role, arr, delta)
+    return out
+
+
+def fisher_diag(model: torch.nn.Module, twin, data, n_batches: int, batch_size: int = 32,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """Diagonal empirical Fisher (mean squared gradient of the answer CE) per GGUF tensor, in
+    GGUF row order.  ``data``: the round's :class:`~cloud.families.Example` list (with labels)."""
+    if not isinstance(twin, Twin):
+        from .dwc_tinyllava import fisher_diag as legacy
+
+        return legacy(model, twin, data, n_batches, batch_size, seed)
+    from .akd import _ce
+
+    maps = twin.family.row_maps(twin)
+    params = dict(model.named_parameters())
+    acc = {m.hf_name: torch.zeros_like(params[m.hf_name]) for m in maps if m.hf_name in params}
+    rng = np.random.default_rng(seed)
+    model.train(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    for _ in range(n_batches):
+        ex = [data[i] for i in rng.integers(0, len(data), min(batch_size, len(data)))]
+        b = {k: v for k, v in collate(ex, twin.meta.get("pad_id", 0)).items() if k != "labels"}
+        model.zero_grad(set_to_none=True)
+        _ce(model(**b).logits, ex)[0].backward()
+        for n in acc:
+            if params[n].grad is not None:
+                acc[n] += params[n].grad.detach() ** 2
+    return {m.gguf_name: m.to_gguf((acc[m.hf_name] / n_batches).numpy(), values=False)
+            for m in maps if m.hf_name in acc}
+
+
+def _row_ranges(chosen: list[Block]) -> dict[str, list[tuple[int, int]]]:
     ranges: dict[str, list[tuple[int, int]]] = {}
     for b in sorted(chosen, key=lambda b: (b.tensor, b.row_start)):
         r = ranges.setdefault(b.tensor, [])
@@ -156,7 +162,22 @@ def compress(merged: TinyLlava, twin: TinyLlava, files: dict[str, Path], out_pat
             r[-1] = (r[-1][0], r[-1][1] + b.row_count)
         else:
             r.append((b.row_start, b.row_count))
-    new_tensors = {k: (updates[k.split(":", 1)[1]][1], v) for k, v in ranges.items()}
+    return ranges
+
+
+def compress(merged: torch.nn.Module, twin, files: dict[str, Path], out_path: Path, cfg: DWCConfig,
+             round_id: str, parent_version: str = "", fisher: dict | None = None) -> DWCResult:
+    """Write the patch that moves the device from ``twin`` toward ``merged`` within the budget."""
+    if not isinstance(twin, Twin):
+        from .dwc_tinyllava import compress as legacy
+
+        return legacy(merged, twin, files, out_path, cfg, round_id, parent_version, fisher)
+    updates = weight_updates(merged, twin)
+    types = _types(files)
+    old = {g: a for g, (_, a) in twin.family.gguf_state(twin).items() if g in updates}
+    blocks, skipped = rank_blocks(updates, fisher, types, cfg, old)
+    chosen = select(blocks, cfg.budget_bytes)
+    new_tensors = {k: (updates[k.split(":", 1)[1]][1], v) for k, v in _row_ranges(chosen).items()}
     total_imp = sum(b.importance for b in blocks) or 1.0
     build = make_patch_from_arrays({r: str(p) for r, p in files.items()}, new_tensors, out_path,
                                    round_id=round_id, parent_version=parent_version, skip_unsupported=True,
@@ -170,9 +191,9 @@ def compress(merged: TinyLlava, twin: TinyLlava, files: dict[str, Path], out_pat
                      sum(b.importance for b in chosen) / total_imp, fp16, len(blocks), per_tensor)
 
 
-def patched_twin(files: dict[str, Path], patch_path: Path | None) -> tuple[TinyLlava, dict[str, Path], Path]:
-    """Apply the patch to a scratch copy of the device files and load the result: exactly the
-    weights the device will run after applying (used for the cloud's evaluation)."""
+def apply_to_copy(files: dict[str, Path], patch_path: Path | None) -> tuple[dict[str, Path], Path]:
+    """The device files with the patch applied, in a scratch dir, through the device's own
+    verification and write path: exactly what the device will run."""
     scratch = Path(tempfile.mkdtemp(prefix="cdcca-patched-"))
     out = {}
     for role, p in files.items():
@@ -180,9 +201,21 @@ def patched_twin(files: dict[str, Path], patch_path: Path | None) -> tuple[TinyL
         shutil.copyfile(p, out[role])
     if patch_path is not None:
         patch = read_patch(patch_path)
-        placements = plan_patch(patch, out)  # the device's own verification path
+        placements = plan_patch(patch, out)
         for role in {p.entry.role for p in placements}:
             write_placements(out[role], [p for p in placements if p.entry.role == role])
         verify_written(patch, placements, out)
-    model, _ = load_gguf_pair(out["model"], out["mmproj"])
-    return model, out, scratch
+    return out, scratch
+
+
+def patched_twin(files: dict[str, Path], patch_path: Path | None):
+    """(twin of the patched files, patched files, scratch dir); the caller removes scratch."""
+    out, scratch = apply_to_copy(files, patch_path)
+    try:
+        fam = family_for(out["model"], out.get("mmproj"))
+    except ValueError:
+        from .dwc_tinyllava import patched_twin as legacy
+
+        shutil.rmtree(scratch, ignore_errors=True)
+        return legacy(files, patch_path)
+    return fam.load_twin(out["model"], out.get("mmproj")), out, scratch

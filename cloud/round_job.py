@@ -1,8 +1,14 @@
 """One adaptation round on the cloud: the device's uplinked samples in, a DWC patch out.
 
-load device twin (from its GGUF) -> teacher pseudo-labels -> AKD (LoRA, merged) -> Fisher ->
-DWC patch -> apply to a scratch copy -> evaluate before / after / teacher -> register new version.
-Each arrow is one function call; nothing is read back that an earlier step could pass on.
+family rebuilds the HF twin from the device GGUF -> HF teacher pseudo-labels -> AKD (LoRA on the
+family's targets, merged) -> Fisher -> DWC patch -> apply to a scratch copy (the device's own
+verification path) -> device-measured evaluation (llama.cpp) before / after + twin fidelity ->
+register the new version.  Each arrow is one function call; nothing is read back that an
+earlier step could pass on.  The cloud is *given* its data: the teacher is an HF checkpoint dir,
+replay and evaluation sets are LLaVA-JSON files (``cdcca cloud serve --teacher --replay --eval``).
+
+Until the embedded default becomes an HF model, a device running the legacy TinyLlava pair is
+served by ``round_tinyllava`` (deleted at the default switch).
 """
 from __future__ import annotations
 
@@ -14,113 +20,160 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device.contracts.image import decode_image
+from device.contracts.dataset import QA, read_llava
+from device.contracts.image import decode_image, load_image
 from device.contracts.wire import UplinkSample
 
-from .akd import AKDConfig, DistillSet, distil, pseudo_label
+from .akd import AKDConfig, DistillSet, ReplaySet, distil_twin
 from .dwc import DWCConfig, compress, fisher_diag, patched_twin
+from .families import FamilyError, Twin, family_for
+from .families.teacher import Teacher, check_compatible
+from .fidelity import fidelity
 from .registry import ModelRegistry
-from .zoo import build as zoo_build
-from .zoo.data import Codec, Split
-from .zoo.evaluate import evaluate
-from .zoo.gguf_load import load_gguf_pair
 
 
 @dataclass
-class CloudAssets:
-    """What the cloud brings to a round: the teacher, replay data and a held-out evaluation set."""
+class HFAssets:
+    """What the cloud brings to a round on the family seam: an HF teacher checkpoint, and the
+    replay / evaluation sets as LLaVA-JSON files (None = no replay / no evaluation)."""
 
-    teacher_path: Path
-    replay: Split | None
-    eval_set: Split | None
+    teacher_dir: Path
+    replay_path: Path | None = None
+    eval_path: Path | None = None
+    eval_limit: int | None = 100  # records read from the eval file (device-measured: each is a llama.cpp chat)
+    replay_limit: int | None = 2000
+    probe_n: int = 16  # fidelity probes
 
-    @classmethod
-    def embedded(cls, model_dir: Path, eval_n: int = 100, replay_n: int = 4000) -> "CloudAssets":
-        import json
+    def __post_init__(self):
+        self._teacher: Teacher | None = None
 
-        man = json.loads((model_dir / "manifest.json").read_text())
-        cfg = zoo_build.PRESETS.get(man["preset"], zoo_build.PRESETS["default"])
-        cfg = zoo_build.BuildConfig(**{**cfg.__dict__, "eval_n": eval_n, "n_train": replay_n})
-        return cls(model_dir / "teacher.pt", zoo_build.training_split(cfg, "student", None),
-                   zoo_build.eval_split(cfg, None, seed_offset=2000))
+    def teacher(self) -> Teacher:
+        if self._teacher is None:
+            self._teacher = Teacher(self.teacher_dir)
+        return self._teacher
 
 
-def distill_set(samples: list[UplinkSample], image_size: int) -> DistillSet:
-    """Decode the uplinked (UTS-masked) images; samples without pixels cannot be pseudo-labelled."""
+def _image_size(twin: Twin) -> int | None:
+    geo = twin.meta.get("geometry")
+    return geo.image_size if geo is not None else None
+
+
+def distill_set(samples: list[UplinkSample], image_size: int | None) -> DistillSet:
+    """Decode the uplinked (UTS-masked) images exactly as the device resized them."""
     imgs, qs, unc = [], [], []
     for s in samples:
-        if s.image is None:
-            continue
-        imgs.append(decode_image(bytes(s.image), image_size, f"sample {s.sample_id}"))
+        if image_size is not None and s.image is None:
+            continue  # a vision model's sample without pixels cannot be pseudo-labelled
+        imgs.append(decode_image(bytes(s.image), image_size, f"sample {s.sample_id}") if image_size else None)
         qs.append(s.prompt)
         unc.append(list(s.tokens.positions))
-    if not imgs:
+    if not qs:
         raise ValueError("no uplinked sample carries an image; nothing to distil")
-    return DistillSet(np.stack(imgs), qs, [], unc)
+    if image_size is not None:
+        imgs = np.stack(imgs)
+    return DistillSet(imgs, qs, [], unc)
 
 
-def _acc(res: dict) -> dict:
-    return {"vqa": res["vqa"], "caption_f1": res["caption_f1"],
-            "domains": {d: {"vqa": v["vqa"], "caption_f1": v["caption_f1"]} for d, v in res["domains"].items()}}
+def _images(qas: list[QA], image_size: int | None) -> list[np.ndarray | None]:
+    return [load_image(q.image, image_size) if (q.image is not None and image_size) else None for q in qas]
 
 
-def run_round(ctx, registry: ModelRegistry, assets: CloudAssets, akd: AKDConfig | None = None,
-              threads: int = 2) -> dict:
+def read_replay(path: Path | None, image_size: int | None, limit: int | None) -> ReplaySet | None:
+    if path is None:
+        return None
+    qas = read_llava(path)[:limit]
+    return ReplaySet(_images(qas, image_size), [q.question for q in qas], [q.answer for q in qas])
+
+
+def _device_eval(files: dict[str, Path], qas: list[QA], threads: int) -> dict:
+    from device.evaluate import evaluate
+    from device.runtime import Runtime, RuntimeConfig
+
+    with Runtime(RuntimeConfig(Path(files["model"]), files.get("mmproj"), n_threads=threads)) as rt:
+        res = evaluate(rt, qas)
+    return {"vqa": res["vqa"], "domains": res["domains"]}
+
+
+def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None, threads: int = 2) -> dict:
     """The RoundRunner: see module docstring. ``ctx`` is a cloud.rounds.RoundContext."""
-    torch.set_num_threads(threads)
-    t0 = time.time()
     files = registry.get(ctx.base_model)
     if files is None:
         raise ValueError(f"the cloud has no copy of device model {ctx.base_model}; upload it first")
+    if not isinstance(assets, HFAssets):
+        from . import round_tinyllava
+
+        return round_tinyllava.run_round(ctx, registry, assets, akd, threads)
+    torch.set_num_threads(threads)
+    t0 = time.time()
     ctx.progress("load", 0.02, "rebuilding the device model from its GGUF")
-    twin, tok = load_gguf_pair(files["model"], files["mmproj"])
-    codec = Codec(tok)
-    teacher = zoo_build.load_pt(assets.teacher_path)
+    fam = family_for(files["model"], files.get("mmproj"))
+    twin = fam.load_twin(files["model"], files.get("mmproj"))
+    teacher = assets.teacher()
+    size = _image_size(twin)
+    check_compatible(teacher, size is not None)
     samples = ctx.samples[: ctx.options.max_samples] if ctx.options.max_samples else ctx.samples
-    dset = distill_set(samples, twin.cfg.vision.image_size)
+    dset = distill_set(samples, size)
     ctx.progress("label", 0.05, f"teacher labels {len(dset)} samples")
-    dset.labels = pseudo_label(teacher, codec, dset.images, dset.questions)
+    dset.labels = teacher.answer(dset.images, dset.questions)
     opts = ctx.options
     cfg = akd or AKDConfig()
     cfg = AKDConfig(**{**cfg.__dict__, "steps": opts.steps, "lr": opts.learning_rate, "seed": opts.seed})
-    steps = cfg.steps
 
     def on_step(i, _terms):
         if i % 5 == 0:
-            ctx.progress("distil", 0.05 + 0.7 * i / steps, f"step {i}/{steps}")
+            ctx.progress("distil", 0.05 + 0.7 * i / cfg.steps, f"step {i}/{cfg.steps}")
 
-    merged, akd_stats = distil(twin, teacher, codec, dset, assets.replay, cfg, on_step, ctx.cancelled)
+    replay = read_replay(assets.replay_path, size, assets.replay_limit)
+    merged, akd_stats = distil_twin(twin, teacher, dset, replay, cfg, on_step, ctx.cancelled)
     ctx.progress("compress", 0.78, "ranking and re-quantizing weight updates")
-    round_data = Split(dset.images, dset.questions, dset.labels, ["uplink"] * len(dset), ["qa"] * len(dset))
-    fisher = fisher_diag(merged, codec, round_data, DWCConfig().fisher_batches)
-    res = compress(merged, twin, files, ctx.patch_path, DWCConfig(budget_bytes=opts.downlink_budget_bytes),
-                   ctx.round_id, ctx.base_model, fisher)
-    ctx.progress("evaluate", 0.88, "evaluating before / after / teacher")
+    round_ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]
+    dcfg = DWCConfig(budget_bytes=opts.downlink_budget_bytes)
+    fisher = fisher_diag(merged, twin, round_ex, dcfg.fisher_batches) if dcfg.fisher else None
+    res = compress(merged, twin, files, ctx.patch_path, dcfg, ctx.round_id, ctx.base_model, fisher)
+    ctx.progress("evaluate", 0.88, "device-measured evaluation before / after, twin fidelity")
     patched, pfiles, scratch = patched_twin(files, res.patch_path)
     try:
-        new_id = registry.put(pfiles)
+        eval_qas = read_llava(assets.eval_path)[:assets.eval_limit] if assets.eval_path else []
+        probes = [(im, q.question) for im, q in zip(_images(eval_qas[:assets.probe_n], size), eval_qas)] or \
+            [(dset.images[i], dset.questions[i]) for i in range(min(assets.probe_n, len(dset)))]
+        metrics = {
+            "samples": len(dset), "family": fam.name, "teacher": str(assets.teacher_dir), "akd": akd_stats,
+            "dwc": {"patch_file_bytes": res.patch_bytes, "tensors_patched": res.tensors_patched,
+                    "rows_patched": res.rows_patched, "rows_unchanged_after_quant": res.rows_unchanged_after_quant,
+                    "importance_kept": res.selected_importance_frac, "full_fp16_delta_bytes": res.full_fp16_delta_bytes,
+                    "full_gguf_bytes": sum(p.stat().st_size for p in files.values()), "skipped": res.skipped},
+            "fidelity": {"base": _fid(fidelity(twin, files, probes, threads=threads)),
+                         "patched": _fid(fidelity(patched, pfiles, probes, threads=threads))},
+        }
+        if eval_qas:
+            metrics["accuracy"] = {"before": _device_eval(files, eval_qas, threads),
+                                   "after": _device_eval(pfiles, eval_qas, threads), "measured_on": "device"}
+        metrics["new_model"] = registry.put(pfiles)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    metrics = {
-        "samples": len(dset), "akd": akd_stats, "new_model": new_id,
-        "dwc": {"patch_bytes": res.patch_bytes, "tensors_patched": res.tensors_patched,
-                "rows_patched": res.rows_patched, "rows_unchanged_after_quant": res.rows_unchanged_after_quant,
-                "importance_kept": res.selected_importance_frac, "full_fp16_delta_bytes": res.full_fp16_delta_bytes,
-                "full_gguf_bytes": sum(p.stat().st_size for p in files.values()), "skipped": res.skipped},
-    }
-    if assets.eval_set is not None:
-        metrics["accuracy"] = {"before": _acc(evaluate(twin, codec, assets.eval_set)),
-                               "after": _acc(evaluate(patched, codec, assets.eval_set)),
-                               "after_full_precision": _acc(evaluate(merged, codec, assets.eval_set)),
-                               "teacher": _acc(evaluate(teacher, codec, assets.eval_set))}
     metrics["seconds"] = round(time.time() - t0, 2)
     ctx.progress("done", 1.0, "patch ready")
     return metrics
 
 
-def make_runner(settings, model_dir=None):
-    """The default RoundRunner: the embedded teacher + generated replay/eval data."""
-    from device.contracts.config import DEFAULT_MODEL_DIR
+def _fid(f: dict) -> dict:
+    return {k: f[k] for k in ("n", "greedy_agreement", "max_logit_gap")}
+
+
+def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: Path | None = None,
+                eval_set: Path | None = None):
+    """The RoundRunner.  With ``teacher`` (an HF checkpoint dir): the family seam with the given
+    replay / eval files.  Without: the embedded default's legacy assets (until the default switch)."""
     registry = ModelRegistry(settings.cloud_dir / "models")
-    assets = CloudAssets.embedded(Path(model_dir or DEFAULT_MODEL_DIR))
+    if teacher is not None:
+        assets = HFAssets(Path(teacher), Path(replay) if replay else None, Path(eval_set) if eval_set else None)
+    else:
+        from device.contracts.config import DEFAULT_MODEL_DIR
+
+        from .round_tinyllava import CloudAssets
+        assets = CloudAssets.embedded(Path(model_dir or DEFAULT_MODEL_DIR))
     return lambda ctx: run_round(ctx, registry, assets)
+
+
+# the legacy names bench/ and tests import, until the default switch
+from .round_tinyllava import CloudAssets  # noqa: E402,F401

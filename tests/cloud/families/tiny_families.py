@@ -52,7 +52,7 @@ def _jitter_norms(model: torch.nn.Module) -> None:
 
 def _text_config(vocab: int, eos: int) -> dict:
     return dict(model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.2,
                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=eos, pad_token_id=0,
                 architectures=["LlamaForCausalLM"])
 

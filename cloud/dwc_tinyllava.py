@@ -1,0 +1,188 @@
+"""LEGACY (deleted with TinyLlava at the default switch): DWC -- Dynamic Weight update Compression: ship only the weight updates that matter, already
+re-quantized to the device's own GGUF types, as a GGUF tensor patch.
+
+1. The update of every device tensor is the merged (adapter-folded) weight minus the device's
+   current dequantized weight; tensors the adapters did not touch have an exact zero update.
+2. Importance of a row block is a second-order estimate of the loss the device would lose by not
+   receiving it: sum(F * delta^2) with F the diagonal Fisher (squared gradients of the round's
+   loss at the merged weights).  Without Fisher it falls back to the relative update norm
+   ||delta|| / ||W||.  Blocks are whole rows (ggml quantizes along rows), so any selection is a
+   contiguous byte range of the device file.
+3. Selection is greedy by importance per byte under the byte budget -- a global ranking, so layers
+   receive budget in proportion to how much their updates matter, not equal shares.
+4. Re-quantization uses the device tensor's own type; rows whose re-quantized bytes equal the old
+   bytes (an update smaller than the quantization step) are dropped, since they change nothing.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from device.contracts.patch_format import make_patch_from_arrays, row_nbytes
+from device.contracts.patch_format import read_patch
+from device.patch import plan_patch, verify_written, write_placements
+
+from . import ggml_quant
+from .zoo.data import Codec, Split
+from .zoo.gguf_load import load_gguf_pair
+from .zoo.gguf_names import tensor_map
+from .zoo.model import TinyLlava, lm_loss
+
+ENTRY_OVERHEAD = 160  # JSON entry + tensor info bytes per patched range (measured, approximate)
+
+
+@dataclass
+class DWCConfig:
+    budget_bytes: int | None = 48 * 1024  # None = ship every changed row
+    block_rows: int = 8
+    fisher: bool = True
+    fisher_batches: int = 6
+
+
+@dataclass
+class Block:
+    tensor: str  # "role:gguf_name"
+    row_start: int
+    row_count: int
+    importance: float
+    cost: int
+
+
+@dataclass
+class DWCResult:
+    patch_path: Path | None
+    patch_bytes: int
+    tensors_patched: int
+    rows_patched: int
+    rows_unchanged_after_quant: int
+    skipped: list[str]
+    selected_importance_frac: float
+    full_fp16_delta_bytes: int
+    blocks_considered: int
+    per_tensor: dict = field(default_factory=dict)
+
+
+def weight_updates(merged: TinyLlava, twin: TinyLlava) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """{gguf_name: (role, new, delta)} for every tensor whose weights changed (torch order)."""
+    new_s, old_s = merged.state_dict(), twin.state_dict()
+    out = {}
+    for g, (role, t) in tensor_map(twin.cfg).items():
+        delta = (new_s[t] - old_s[t]).detach().float()
+        if torch.count_nonzero(delta):
+            out[g] = (role, new_s[t].detach().float().numpy(), delta.numpy())
+    return out
+
+
+def fisher_diag(model: TinyLlava, codec: Codec, data: Split, n_batches: int, batch_size: int = 32,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """Diagonal empirical Fisher (mean squared gradient) of the LM loss, per GGUF tensor name."""
+    model = model.train(False)
+    names = {t: g for g, (_, t) in tensor_map(model.cfg).items()}
+    params = dict(model.named_parameters())
+    acc = {n: torch.zeros_like(p) for n, p in params.items() if n in names}
+    rng = np.random.default_rng(seed)
+    for p in params.values():
+        p.requires_grad_(True)
+    for _ in range(n_batches):
+        b = data.batch(codec, rng.integers(0, len(data), min(batch_size, len(data))))
+        model.zero_grad(set_to_none=True)
+        lm_loss(model(b), b.full_labels(model.cfg.vision.n_patches)).backward()
+        for n in acc:
+            if params[n].grad is not None:
+                acc[n] += params[n].grad.detach() ** 2
+    return {names[n]: (a / n_batches).numpy() for n, a in acc.items()}
+
+
+def _types(files: dict[str, Path]) -> dict[str, tuple[gguf.GGMLQuantizationType, tuple[int, ...]]]:
+    out = {}
+    for role, p in files.items():
+        for t in gguf.GGUFReader(str(p), "r").tensors:
+            out[t.name] = (t.tensor_type, tuple(int(x) for x in t.shape))
+    return out
+
+
+def rank_blocks(updates, fisher, types, cfg: DWCConfig, old_weights) -> tuple[list[Block], list[str]]:
+    blocks, skipped = [], []
+    for g, (role, new, delta) in updates.items():
+        qtype, shape = types[g]
+        if not ggml_quant.supported(qtype):  # K-quants too (ggml's own quantizer); IQ types refused
+            skipped.append(f"{g} ({qtype.name}: cdcca does not re-quantize this type; tensor not shipped)")
+            continue
+        d2 = delta.reshape(-1, shape[0]) ** 2
+        if fisher is not None and g in fisher:
+            row_imp = (fisher[g].reshape(-1, shape[0]) * d2).sum(1)
+        else:
+            w2 = old_weights[g].reshape(-1, shape[0]) ** 2
+            row_imp = np.sqrt(d2.sum(1) / (w2.sum(1) + 1e-12))
+        per_row = row_nbytes(qtype, shape)
+        n = row_imp.shape[0]
+        for s in range(0, n, cfg.block_rows):
+            c = min(cfg.block_rows, n - s)
+            blocks.append(Block(f"{role}:{g}", s, c, float(row_imp[s:s + c].sum()), c * per_row + ENTRY_OVERHEAD))
+    return blocks, skipped
+
+
+def select(blocks: list[Block], budget: int | None) -> list[Block]:
+    """Greedy by importance per byte; skips a block that does not fit and keeps trying smaller ones."""
+    order = sorted(blocks, key=lambda b: b.importance / b.cost, reverse=True)
+    if budget is None:
+        return [b for b in order if b.importance > 0]
+    chosen, used = [], 0
+    for b in order:
+        if b.importance > 0 and used + b.cost <= budget:
+            chosen.append(b)
+            used += b.cost
+    return chosen
+
+
+def compress(merged: TinyLlava, twin: TinyLlava, files: dict[str, Path], out_path: Path, cfg: DWCConfig,
+             round_id: str, parent_version: str = "", fisher: dict | None = None) -> DWCResult:
+    """Write the patch that moves the device from ``twin`` toward ``merged`` within the budget."""
+    updates = weight_updates(merged, twin)
+    types = _types(files)
+    old = {g: twin.state_dict()[t].detach().numpy() for g, (_, t) in tensor_map(twin.cfg).items() if g in updates}
+    blocks, skipped = rank_blocks(updates, fisher, types, cfg, old)
+    chosen = select(blocks, cfg.budget_bytes)
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for b in sorted(chosen, key=lambda b: (b.tensor, b.row_start)):
+        r = ranges.setdefault(b.tensor, [])
+        if r and r[-1][0] + r[-1][1] == b.row_start:
+            r[-1] = (r[-1][0], r[-1][1] + b.row_count)
+        else:
+            r.append((b.row_start, b.row_count))
+    new_tensors = {k: (updates[k.split(":", 1)[1]][1], v) for k, v in ranges.items()}
+    total_imp = sum(b.importance for b in blocks) or 1.0
+    build = make_patch_from_arrays({r: str(p) for r, p in files.items()}, new_tensors, out_path,
+                                   round_id=round_id, parent_version=parent_version, skip_unsupported=True,
+                                   quantizer=ggml_quant.quantize)
+    fp16 = sum(int(np.prod(u[2].shape)) * 2 for u in updates.values())
+    per_tensor: dict[str, int] = {}
+    for e in build.entries:
+        per_tensor[e.tensor] = per_tensor.get(e.tensor, 0) + e.row_count
+    return DWCResult(build.path, build.path.stat().st_size if build.path else 0, len(per_tensor),
+                     sum(e.row_count for e in build.entries), build.unchanged_rows, skipped + list(build.skipped),
+                     sum(b.importance for b in chosen) / total_imp, fp16, len(blocks), per_tensor)
+
+
+def patched_twin(files: dict[str, Path], patch_path: Path | None) -> tuple[TinyLlava, dict[str, Path], Path]:
+    """Apply the patch to a scratch copy of the device files and load the result: exactly the
+    weights the device will run after applying (used for the cloud's evaluation)."""
+    scratch = Path(tempfile.mkdtemp(prefix="cdcca-patched-"))
+    out = {}
+    for role, p in files.items():
+        out[role] = scratch / Path(p).name
+        shutil.copyfile(p, out[role])
+    if patch_path is not None:
+        patch = read_patch(patch_path)
+        placements = plan_patch(patch, out)  # the device's own verification path
+        for role in {p.entry.role for p in placements}:
+            write_placements(out[role], [p for p in placements if p.entry.role == role])
+        verify_written(patch, placements, out)
+    model, _ = load_gguf_pair(out["model"], out["mmproj"])
+    return model, out, scratch

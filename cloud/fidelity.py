@@ -1,0 +1,43 @@
+"""Twin fidelity: how closely the cloud's HF twin predicts what the device (llama.cpp) does.
+
+Why every round measures it: llama.cpp quantizes activations inside quantized matmuls and uses
+fp16 GELU tables, so a float twin is "device + noise"; a patch chosen on the twin helps the device
+only as far as the two agree.  On a probe set we run both greedily and report the fraction of
+identical answers and the max |logit| gap over the device's own decode steps.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .families import Twin, collate
+
+
+def fidelity(twin: Twin, files: dict[str, Path], probes: Sequence[tuple[np.ndarray | None, str]],
+             max_tokens: int = 8, threads: int = 1, model: torch.nn.Module | None = None) -> dict:
+    """``{"n", "greedy_agreement", "max_logit_gap", "device_answers", "twin_answers"}`` for the
+    device files ``files`` and the twin (or ``model`` with the twin's layout)."""
+    from device.runtime import Runtime, RuntimeConfig
+
+    fam, m = twin.family, model or twin.model
+    gaps, agree, dev_ans, twin_ans = [], 0, [], []
+    with Runtime(RuntimeConfig(Path(files["model"]), files.get("mmproj"), n_threads=threads, kv_cache="f32")) as rt:
+        for img, q in probes:
+            steps: list[np.ndarray] = []
+            gen = rt.generate(q, img, max_tokens=max_tokens, logits_hook=lambda lg: steps.append(np.array(lg)))
+            ex = fam.example(twin, q, img)
+            n0 = len(ex.input_ids)
+            ex.input_ids = ex.input_ids + gen.token_ids
+            with torch.no_grad():
+                lg = m(**collate([ex], twin.meta.get("pad_id", 0))).logits[0, n0 - 1:n0 - 1 + len(steps)].numpy()
+            gaps.append(float(np.abs(lg[:, :steps[0].shape[0]] - np.stack(steps)).max()))
+            mine = fam.generate(twin, fam.example(twin, q, img), max_new_tokens=max_tokens, model=m)
+            agree += mine == gen.token_ids
+            dev_ans.append(gen.text)
+            twin_ans.append(fam.decode(twin, mine))
+    n = len(probes)
+    return {"n": n, "greedy_agreement": agree / n if n else float("nan"),
+            "max_logit_gap": max(gaps) if gaps else float("nan"), "device_answers": dev_ans, "twin_answers": twin_ans}
