@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from device.contracts import prompt
-from device.contracts.dataset import QA
-from device.contracts.image import load_image
 
 from .model import Batch
-from .scenes import Sample
 from .tokenizer import encode, special_ids
 
 
@@ -67,40 +63,4 @@ def make_batch(codec: Codec, images: np.ndarray | None, questions: list[str], an
     return Batch(pre, imgs, text, lab, torch.tensor(starts))
 
 
-@dataclass
-class Split:
-    """A dataset held in memory: images uint8 [N, H, W, 3] plus text, with domain/task labels."""
-
-    images: np.ndarray
-    questions: list[str]
-    answers: list[str]
-    domains: list[str]
-    tasks: list[str]
-
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def subset(self, idx) -> "Split":
-        idx = list(idx)
-        return Split(self.images[idx], [self.questions[i] for i in idx], [self.answers[i] for i in idx],
-                     [self.domains[i] for i in idx], [self.tasks[i] for i in idx])
-
-    def batch(self, codec: Codec, idx, with_answers: bool = True) -> Batch:
-        idx = list(idx)
-        return make_batch(codec, self.images[idx], [self.questions[i] for i in idx],
-                          [self.answers[i] for i in idx] if with_answers else None)
-
-
-def from_samples(samples: list[Sample]) -> Split:
-    return Split(np.stack([s.image for s in samples]), [s.question for s in samples], [s.answer for s in samples],
-                 [s.domain for s in samples], [s.task for s in samples])
-
-
-def from_llava(qas: list[QA], image_size: int) -> Split:
-    """A user's LLaVA dataset; images are loaded and resized exactly as the device does."""
-    with_img = [q for q in qas if q.image is not None]
-    if not with_img:
-        raise ValueError("dataset has no records with images")
-    imgs = np.stack([load_image(Path(q.image), image_size) for q in with_img])
-    return Split(imgs, [q.question for q in with_img], [q.answer for q in with_img],
-                 [str(q.meta.get("domain", "user")) for q in with_img], [str(q.meta.get("task", "qa")) for q in with_img])
+from .split import Split, from_llava, from_samples  # noqa: E402,F401  (one definition, re-exported)

@@ -10,10 +10,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from device.contracts.metrics import exact, token_f1
-
 from .data import Codec, Split, make_batch
 from .model import TinyLlava
+from .scoring import score  # noqa: F401  (one definition, re-exported)
 
 
 @torch.no_grad()
@@ -45,25 +44,6 @@ def generate(model: TinyLlava, codec: Codec, images: np.ndarray | None, question
                 ids = g[j][: g[j].index(codec.eos)] if codec.eos in g[j] else g[j]
                 out[i] = codec.decode(ids)
     return out
-
-
-def score(preds: list[str], split: Split) -> dict:
-    """{"vqa": acc, "caption_f1": f1, "domains": {d: {"vqa":..., "caption_f1":..., "n":...}}, "tasks": {...}}."""
-    acc = defaultdict(list)
-    cap = defaultdict(list)
-    task_acc = defaultdict(list)
-    for p, a, d, t in zip(preds, split.answers, split.domains, split.tasks):
-        if t == "caption":
-            cap[d].append(token_f1(p, a))
-        else:
-            ok = exact(p, a)
-            acc[d].append(ok)
-            task_acc[t].append(ok)
-    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
-    doms = {d: {"vqa": mean(acc[d]), "caption_f1": mean(cap[d]), "n": len(acc[d]) + len(cap[d])}
-            for d in sorted(set(split.domains))}
-    return {"vqa": mean([x for v in acc.values() for x in v]), "caption_f1": mean([x for v in cap.values() for x in v]),
-            "domains": doms, "tasks": {t: mean(v) for t, v in sorted(task_acc.items())}}
 
 
 def evaluate(model: TinyLlava, codec: Codec, split: Split, max_new: int = 16) -> dict:
