@@ -222,6 +222,14 @@ def _add_round_routes(app: FastAPI, store: Store, manager: RoundManager, auth) -
             raise _no_round(round_id)
         return status
 
+    @app.post("/v1/rounds/{round_id}/release", response_model=RoundStatus, tags=["rounds"])
+    def release_round(round_id: str, device: str = auth) -> RoundStatus:
+        """The device did not apply this round's patch: its samples become usable again."""
+        status = _own_round(store, round_id, device)
+        if store.release_round(round_id, device) is None:
+            raise HTTPException(409, f"round {round_id} is {status.state}: only a done round can be released")
+        return _own_round(store, round_id, device)
+
     @app.get("/v1/rounds/{round_id}/patch", tags=["rounds"],
              responses={200: {"content": {"application/octet-stream": {}}}})
     def patch(round_id: str, device: str = auth) -> Response:

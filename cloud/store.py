@@ -393,6 +393,19 @@ class Store:
                 samples.c.round_id.is_(None)).values(round_id=round_id))
         return True
 
+    def release_round(self, round_id: str, device: str) -> int | None:
+        """The device will never apply this done round's patch (refused, failed its smoke test,
+        device moved on): its samples become unused again, in one transaction.  Returns how many
+        were freed, or None when the device has no such done round."""
+        with self.engine.begin() as conn:
+            result = conn.execute(update(rounds).where(
+                rounds.c.id == round_id, rounds.c.device == device, rounds.c.state == "done").values(
+                message="released by the device: its patch was not applied; samples usable again"))
+            if result.rowcount != 1:
+                return None
+            return conn.execute(update(samples).where(
+                samples.c.device == device, samples.c.round_id == round_id).values(round_id=None)).rowcount
+
     def update_round(self, round_id: str, owner: str | None = None, **fields: Any) -> bool:
         """Progress fields only; state changes go through :meth:`transition`.  With ``owner``,
         a worker that lost its lease cannot overwrite the new holder's progress."""

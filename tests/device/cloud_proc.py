@@ -1,8 +1,9 @@
-"""A real cloud server process for the restart tests: ``python cloud_proc.py HOME PORT [ROUND_S]``.
+"""A real cloud server process for the restart tests: ``python cloud_proc.py HOME PORT [ROUND_S [nan]]``.
 
 The API is the real one (cloud.server.create_app under uvicorn); only the round runner is a
 stand-in that takes ROUND_S seconds (reporting progress) and then writes a genuine patch for
-the device's uploaded model with the real patch builder, so the device verifies and applies it.
+the device's uploaded model with the real patch builder, so the device verifies and applies it
+(with ``nan``: a genuine, signed patch full of NaN, which the device's smoke test must refuse).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 
-def runner_for(round_s: float):
+def runner_for(round_s: float, nan: bool = False):
     from cloud.registry import ModelRegistry
     from device.contracts.config import load_settings
     from fakecloud import real_patch
@@ -23,7 +24,7 @@ def runner_for(round_s: float):
             ctx.progress("distil", min(0.99, 1 - left / round_s), f"pid {os.getpid()}")
             time.sleep(min(0.1, left))
         files = ModelRegistry(load_settings().cloud_dir / "models").get(ctx.base_model)
-        real_patch(files["model"], Path(ctx.patch_path), round_id=ctx.round_id)
+        real_patch(files["model"], Path(ctx.patch_path), round_id=ctx.round_id, nan=nan)
         return {"samples": len(ctx.samples)}
 
     return run
@@ -38,7 +39,7 @@ def main() -> None:
     from cloud.server import create_app
     from device.contracts.config import load_settings
 
-    app = create_app(load_settings(), runner_for(round_s))
+    app = create_app(load_settings(), runner_for(round_s, nan="nan" in sys.argv[4:]))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

@@ -35,8 +35,8 @@ DOWN_S = float(os.environ.get("CDCCA_TEST_RESTART_S", "3"))
 class CloudProcess:
     """The real API in its own process (tests/device/cloud_proc.py), restartable on one port."""
 
-    def __init__(self, home: Path, round_s: float = 3.0) -> None:
-        self.home, self.round_s = home, round_s
+    def __init__(self, home: Path, round_s: float = 3.0, nan: bool = False) -> None:
+        self.home, self.round_s, self.extra = home, round_s, ["nan"] if nan else []
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         self.port = s.getsockname()[1]
@@ -47,7 +47,7 @@ class CloudProcess:
     def start(self) -> None:
         env = {**os.environ, "CDCCA_HOME": str(self.home), "PYTHONPATH": f"{REPO}:{HERE}"}
         self.proc = subprocess.Popen([sys.executable, str(HERE / "cloud_proc.py"), str(self.home),
-                                      str(self.port), str(self.round_s)], env=env, cwd=REPO)
+                                      str(self.port), str(self.round_s), *self.extra], env=env, cwd=REPO)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -73,7 +73,7 @@ def samples_for(model_id: str, n: int = 3) -> list[UplinkSample]:
 
 
 @pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
     monkeypatch.delenv("CDCCA_CLOUD_KEY", raising=False)
     from cloud.store import Store
 
@@ -86,7 +86,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with Queue(settings.queue_path) as q:
         for s in samples_for(model.id):
             q.add(s)
-    cloud = CloudProcess(cloud_home)
+    cloud = CloudProcess(cloud_home, nan=getattr(request, "param", False))
     cloud.start()
     yield settings, token, cloud
     if cloud.proc is not None and cloud.proc.poll() is None:
@@ -159,3 +159,20 @@ def test_a_broken_off_sync_resumes_the_saved_round(world) -> None:
     assert all(r["state"] in ("done", "failed") for r in rounds)
     if saved.round_id in {r["round_id"] for r in rounds if r["state"] == "done"}:
         assert rep.round_id == saved.round_id
+
+
+@pytest.mark.parametrize("world", [True], indirect=True, ids=["nan-patch"])
+def test_samples_of_a_refused_round_become_usable_again(world) -> None:
+    """The real cloud serves a genuine, signed patch full of NaN: the device rolls back, releases
+    the round, and the cloud counts the round's samples as unused again."""
+    from device.sync import PatchRefused
+
+    settings, token, cloud = world
+    with CloudClient(cloud.url, token) as client:
+        with pytest.raises(PatchRefused, match="failed the smoke test"):
+            run_sync(settings, client, SyncOptions(evaluate=False))
+        counts = client.sample_counts()
+    assert counts.total == 3 and counts.unused == 3
+    assert open_device_model(settings).version == "v0" and load_inflight(settings.device_dir) is None
+    (done,) = [r for r in cloud.rounds(token) if r["state"] == "done"]
+    assert done["message"].startswith("released by the device")
