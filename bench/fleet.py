@@ -1,162 +1,424 @@
-"""Section 5 -- a fleet: N device processes (own token, own durable queue) upload concurrently to
-one loopback cloud; then the same again with the cloud stopped and restarted mid-run on the same
-data folder and port.  Every sample must be stored exactly once (checked in the cloud's store)."""
+"""Section 5 -- a fleet against a cloud of separate processes (issues 11 and 13): one
+``cdcca cloud serve --workers 0`` API process and two round-worker processes on PostgreSQL
+(SQLite if no PostgreSQL is installed, said in the notes), N device processes each with its own
+token and durable queue uploading through the product client (``sync_queue``).
+
+* steady run: uploads, then ``round_devices`` devices request a round at the same moment while
+  the bench polls ``GET /v1/rounds`` (the API must stay responsive while workers run rounds);
+* restart run: the same uploads with the API process killed (SIGKILL) when 30% are stored and
+  restarted on the same port after ``fleet_restart_s`` seconds.
+
+Exactly-once is checked in SQL on the store.  The workers run a *synthetic* CPU-bound round
+(a busy loop of ``fleet_round_s`` seconds, progress reported like a real round) so that the
+section measures the queue and the scheduling, not AKD (sections 1-4 measure that).
+"""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
-
-from cloud.loopback import LoopbackCloud
-from cloud.store import samples as samples_table
-from device.contracts.config import load_settings
 
 from .common import Context, Section
-from .synth import device_proc, synthetic_id
+from .synth import synthetic_id, synthetic_sample
 from .table import Table, na, num
 
+ROOT = Path(__file__).resolve().parents[1]
 
-class PortCloud(LoopbackCloud):
-    """A LoopbackCloud on a chosen port (to restart on the port the devices know)."""
 
-    def __init__(self, settings, runner, port: int | None = None):
-        super().__init__(settings, runner=runner)
-        # SO_REUSEADDR on every listener (its accepted connections inherit it), so the next server
-        # can bind the port while the old connections linger in FIN-WAIT/TIME-WAIT
-        self._sock.close()
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", port or 0))
+# --- processes ------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hwm_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class CloudProcs:
+    """The API and the workers as child processes sharing one home folder and database."""
+
+    def __init__(self, home: Path, db_url: str | None, round_s: float, workers: int = 2) -> None:
+        self.home, self.db_url, self.round_s, self.n_workers = home, db_url, round_s, workers
+        self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.api: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.peak = {"api": 0.0, "worker": 0.0}
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._sample_rss, daemon=True)
 
-    @property
-    def port(self) -> int:
-        return self._sock.getsockname()[1]
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, "CDCCA_HOME": str(self.home), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(ROOT)}
+        if self.db_url:
+            env["CDCCA_DB_URL"] = self.db_url
+        return env
+
+    def start(self) -> "CloudProcs":
+        self.start_api()
+        log = open(self.home / "workers.log", "ab")
+        self.workers = [subprocess.Popen([sys.executable, "-m", "bench.fleet", "worker", str(self.round_s)],
+                                         env=self._env(), stdout=log, stderr=log) for _ in range(self.n_workers)]
+        self._watch.start()
+        return self
+
+    def start_api(self) -> None:
+        import httpx
+
+        log = open(self.home / "api.log", "ab")
+        self.api = subprocess.Popen([sys.executable, "-m", "cdcca_cli", "cloud", "serve", "--workers", "0",
+                                     "--host", "127.0.0.1", "--port", str(self.port)],
+                                    env=self._env(), stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"the cloud API did not start; see {self.home / 'api.log'}")
+
+    def kill_api(self) -> None:
+        self.peak["api"] = max(self.peak["api"], _hwm_mib(self.api.pid))
+        self.api.send_signal(signal.SIGKILL)
+        self.api.wait(30)
+
+    def _sample_rss(self) -> None:
+        while not self._stop.wait(0.2):
+            if self.api is not None and self.api.poll() is None:
+                self.peak["api"] = max(self.peak["api"], _hwm_mib(self.api.pid))
+            for w in self.workers:
+                self.peak["worker"] = max(self.peak["worker"], _hwm_mib(w.pid))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for p in [self.api, *self.workers]:
+            if p is not None and p.poll() is None:
+                p.terminate()
+        for p in [self.api, *self.workers]:
+            if p is not None:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
 
-def _no_rounds(ctx):  # the fleet only uploads
-    raise RuntimeError("no rounds in the fleet benchmark")
+def busy_round(round_s: float):
+    """The workers' synthetic round: burns one core for ``round_s`` seconds like training would."""
+    def run(ctx):
+        t0 = time.monotonic()
+        x = np.random.default_rng(0).standard_normal((128, 128))
+        while (elapsed := time.monotonic() - t0) < round_s:
+            for _ in range(20):
+                x = np.tanh(x @ x.T / 128)
+            ctx.progress("distil", min(0.99, elapsed / round_s), "synthetic round")
+        ctx.patch_path.write_bytes(b"GGUF synthetic patch " + ctx.round_id.encode())
+        return {"samples": len(ctx.samples), "seconds": round(time.monotonic() - t0, 3)}
+
+    return run
 
 
-def _stored(cloud: LoopbackCloud, prefix: str) -> int:
-    with cloud.app.state.store.engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(samples_table)
-                            .where(samples_table.c.device.like(f"{prefix}-%"))).scalar_one()
+# --- one device (a spawned process) ---------------------------------------------------------------
+
+def _product_client(url: str, token: str):
+    """The device's CloudClient with the product's own retry policy (a time budget that rides
+    out a restart), recording the wall time of every sample-upload request, retries included."""
+    from device.uplink import CloudClient
+
+    class TimedClient(CloudClient):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.latencies: list[float] = []
+
+        def _json(self, method, path, **kwargs):
+            t = time.perf_counter()
+            try:
+                return super()._json(method, path, **kwargs)
+            finally:
+                if method == "POST" and path == "/v1/samples":
+                    self.latencies.append(time.perf_counter() - t)
+
+    return TimedClient(url, token)
 
 
-def _phase(holder: dict, work: Path, prefix: str, n_dev: int, n: int, batch: int, restart_at: float | None) -> dict:
-    cloud = holder["cloud"]
+def fleet_device(url: str, token: str, qdir: str, device: str, n: int, batch: int, seed: int, ready, go,
+                 go_rounds, results, do_round: bool, deadline_s: float = 600.0) -> None:
+    """Upload like `cdcca sync` (re-sync from the durable queue after a failed sync), then
+    optionally request one round and wait for it."""
+    from device.contracts.wire import RoundOptions, RoundRequest
+    from device.queue import Queue
+    from device.uplink import CloudError, sync_queue
+
+    q = Queue(Path(qdir) / "queue.sqlite")
+    for i in range(n):
+        q.add(synthetic_sample(device, i, seed))
+    client = _product_client(url, token)
+    ready.put(device)
+    go.wait()
+    t0, accepted, dups, errors = time.time(), 0, 0, 0
+    while time.time() - t0 < deadline_s:
+        try:
+            r = sync_queue(q, client, batch_size=batch)
+            accepted += len(r.accepted)
+            dups += len(r.duplicates)
+        except CloudError:
+            errors += 1
+            q.reset_sent_to_pending()
+            time.sleep(0.1)
+        if q.stats().pending == 0:
+            break
+    st = q.stats()
+    results.put(("upload", {"device": device, "latencies": client.latencies, "accepted": accepted,
+                            "duplicates": dups, "errors": errors, "pending": st.pending,
+                            "t_start": t0, "t_end": time.time()}))
+    q.close()
+    if do_round:
+        go_rounds.wait()
+        t = time.time()
+        try:
+            rid = client.start_round(RoundRequest(base_model="0" * 16, options=RoundOptions(max_samples=n))).round_id
+            final = client.wait_round(rid, poll=0.2, timeout=deadline_s)
+            results.put(("round", {"device": device, "state": final.state, "message": final.message,
+                                   "queue_wait_s": (final.started_at - final.created_at).total_seconds(),
+                                   "run_s": (final.finished_at - final.started_at).total_seconds(),
+                                   "requested": t, "finished": time.time(), "round_id": rid}))
+        except CloudError as exc:
+            results.put(("round", {"device": device, "state": "error", "message": str(exc)}))
+    client.close()
+
+
+# --- a phase ----------------------------------------------------------------------------------------
+
+def _stored(store, prefix: str) -> int:
+    from sqlalchemy import func, select
+
+    from cloud.schema import samples
+    with store.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(samples)
+                            .where(samples.c.device.like(f"{prefix}-%"))).scalar_one()
+
+
+def _poll_status(url: str, token: str, stop: threading.Event, out: list[float]) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c:
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                c.get("/v1/rounds")
+                out.append(time.perf_counter() - t)
+            except httpx.HTTPError:
+                pass
+            stop.wait(0.02)
+
+
+def _exactly_once(store, prefix: str, names: list[str], n: int) -> dict:
+    from sqlalchemy import func, select
+
+    from cloud.schema import rounds, samples
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(samples.c.device, samples.c.sample_id)
+                            .where(samples.c.device.like(f"{prefix}-%"))).all()
+        doubled = conn.execute(select(samples.c.device, samples.c.sample_id, func.count())
+                               .where(samples.c.device.like(f"{prefix}-%"))
+                               .group_by(samples.c.device, samples.c.sample_id)
+                               .having(func.count() > 1)).all()
+        used = conn.execute(select(func.count()).select_from(samples).where(
+            samples.c.device.like(f"{prefix}-%"), samples.c.round_id.is_not(None))).scalar_one()
+        learnt = conn.execute(select(func.coalesce(func.sum(rounds.c.n_samples), 0)).where(
+            rounds.c.device.like(f"{prefix}-%"), rounds.c.state == "done")).scalar_one()
+    got: dict[str, set[str]] = {}
+    for dev, sid in rows:
+        got.setdefault(dev, set()).add(sid)
+    ids_ok = all(got.get(d, set()) == {synthetic_id(d, i) for i in range(n)} for d in names)
+    return {"stored_rows": len(rows), "distinct": len(set(rows)), "doubled": len(doubled),
+            "exactly_once": ids_ok and not doubled and len(rows) == len(names) * n,
+            "samples_learnt": int(learnt), "samples_marked_used": int(used)}
+
+
+def _phase(cloud: CloudProcs, store, work: Path, prefix: str, n_dev: int, n: int, batch: int,
+           restart_at: float | None, restart_s: float, round_devices: int) -> dict:
     mpc = mp.get_context("spawn")
-    ready, results, go = mpc.Queue(), mpc.Queue(), mpc.Event()
+    ready, results, go, go_rounds = mpc.Queue(), mpc.Queue(), mpc.Event(), mpc.Event()
     names = [f"{prefix}-{i}" for i in range(n_dev)]
+    tokens = {name: store.add_device(name) for name in names}
     procs = []
     for i, name in enumerate(names):
-        token = cloud.add_device(name)
         qdir = work / prefix / name
         qdir.mkdir(parents=True, exist_ok=True)
-        procs.append(mpc.Process(target=device_proc, args=(cloud.url, token, str(qdir), name, n, batch, i,
-                                                           ready, go, results), daemon=True))
+        procs.append(mpc.Process(target=fleet_device, daemon=True, args=(
+            cloud.url, tokens[name], str(qdir), name, n, batch, i, ready, go, go_rounds, results,
+            i < round_devices)))
     t_spawn = time.perf_counter()
     for p in procs:
         p.start()
     for _ in procs:
-        ready.get(timeout=300)
+        ready.get(timeout=600)
     spawn_s = time.perf_counter() - t_spawn
     expected = n_dev * n
     t0 = time.time()
     go.set()
     restart = None
     if restart_at is not None:
-        while _stored(cloud, prefix) < restart_at * expected and any(p.is_alive() for p in procs):
-            time.sleep(0.005)
-        at = _stored(cloud, prefix)
+        while _stored(store, prefix) < restart_at * expected and any(p.is_alive() for p in procs):
+            time.sleep(0.01)
+        at = _stored(store, prefix)
         t = time.perf_counter()
-        port = cloud.port
-        cloud.stop()
-        cloud.app.state.store.close()
-        cloud = holder["cloud"] = PortCloud(cloud.settings, _no_rounds, port).start()
-        restart = {"stored_at_restart": at, "expected": expected, "downtime_s": time.perf_counter() - t,
-                   "same_port": cloud.port == port}
-    reports = [results.get(timeout=600) for _ in procs]
+        cloud.kill_api()
+        time.sleep(restart_s)
+        cloud.start_api()
+        restart = {"stored_at_restart": at, "expected": expected, "downtime_s": time.perf_counter() - t}
+    uploads = [results.get(timeout=900)[1] for _ in procs]
+    t1 = max(r["t_end"] for r in uploads)
+    status_lat: list[float] = []
+    stop = threading.Event()
+    rounds_out = []
+    if round_devices:
+        poller = threading.Thread(target=_poll_status, args=(cloud.url, tokens[names[0]], stop, status_lat))
+        poller.start()
+        go_rounds.set()
+        rounds_out = [results.get(timeout=900)[1] for _ in range(round_devices)]
+        stop.set()
+        poller.join(10)
     for p in procs:
         p.join(30)
-    t1 = max(r["t_end"] for r in reports)
-    lat = np.array([x for r in reports for x in r["latencies"]], dtype=float)
-    store = cloud.app.state.store
-    with store.engine.connect() as conn:
-        rows = conn.execute(select(samples_table.c.device, samples_table.c.sample_id)
-                            .where(samples_table.c.device.like(f"{prefix}-%"))).all()
-    got = {}
-    for dev, sid in rows:
-        got.setdefault(dev, []).append(sid)
-    exact_once = all(sorted(got.get(d, [])) == sorted(synthetic_id(d, i) for i in range(n)) for d in names)
-    return {"devices": n_dev, "per_device": n, "expected": expected, "stored_rows": len(rows),
-            "distinct": len(set(rows)), "exactly_once": exact_once and len(rows) == expected,
+    lat = np.array([x for r in uploads for x in r["latencies"]], dtype=float)
+    slat = np.array(status_lat, dtype=float)
+    done = [r for r in rounds_out if r["state"] == "done"]
+    span = (max(r["finished"] for r in done) - min(r["requested"] for r in done)) if done else float("nan")
+    return {"devices": n_dev, "per_device": n, "expected": expected, **_exactly_once(store, prefix, names, n),
             "counts_ok": all(store.sample_counts(d).total == n for d in names),
             "requests": int(lat.size), "seconds": t1 - t0, "throughput": expected / max(t1 - t0, 1e-9),
             "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan"),
             "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else float("nan"),
-            "latencies_ms": (lat * 1e3).round(3).tolist(), "accepted": sum(r["accepted"] for r in reports),
-            "duplicates_answered": sum(r["duplicates"] for r in reports),
-            "client_errors": sum(r["errors"] for r in reports),
-            "left_pending": sum(r["pending"] for r in reports), "spawn_s": spawn_s, "restart": restart}
+            "latencies_ms": (lat * 1e3).round(3).tolist(), "accepted": sum(r["accepted"] for r in uploads),
+            "duplicates_answered": sum(r["duplicates"] for r in uploads),
+            "client_errors": sum(r["errors"] for r in uploads),
+            "left_pending": sum(r["pending"] for r in uploads), "spawn_s": spawn_s, "restart": restart,
+            "rounds": rounds_out, "rounds_done": len(done),
+            "rounds_per_min": len(done) / span * 60 if done else float("nan"),
+            "status_requests": int(slat.size),
+            "status_p50_ms": float(np.percentile(slat, 50) * 1e3) if slat.size else float("nan"),
+            "status_p99_ms": float(np.percentile(slat, 99) * 1e3) if slat.size else float("nan")}
 
+
+# --- the section ------------------------------------------------------------------------------------
 
 def run(ctx: Context) -> Section:
+    from cloud.store import Store
+    from device.contracts.config import load_settings
+
     p = ctx.profile
-    sec = Section("fleet", "5. Fleet: concurrent devices, one cloud, and a cloud restart")
-    settings = load_settings(home=ctx.work / "fleet-home")
-    holder = {"cloud": PortCloud(settings, _no_rounds).start()}
+    sec = Section("fleet", "5. Fleet: device processes against API + 2 worker processes, and a cloud restart")
+    home = ctx.work / "fleet-home"
+    (home / "cloud").mkdir(parents=True, exist_ok=True)
+    pg, db_note = None, "PostgreSQL (a throwaway server started by cloud.pg_local)"
     try:
-        steady = _phase(holder, ctx.work / "fleet", "steady", p.fleet_devices, p.fleet_samples, p.fleet_batch, None)
-        restart = _phase(holder, ctx.work / "fleet", "restart", p.fleet_devices, p.fleet_samples, p.fleet_batch, 0.3)
+        from cloud.pg_local import PostgresServer
+
+        pg = PostgresServer()
+        db_url = pg.new_database()
+    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        db_url, db_note = None, f"SQLite (PostgreSQL unavailable: {str(exc).splitlines()[0][:120]})"
+    store = Store(load_settings(home=home, db_url=db_url))
+    cloud = CloudProcs(home, db_url, p.fleet_round_s).start()
+    n_rounds = min(p.fleet_round_devices, p.fleet_devices)
+    try:
+        steady = _phase(cloud, store, ctx.work / "fleet", "steady", p.fleet_devices, p.fleet_samples,
+                        p.fleet_batch, None, 0.0, n_rounds)
+        restart = _phase(cloud, store, ctx.work / "fleet", "restart", p.fleet_devices, p.fleet_samples,
+                         p.fleet_batch, 0.3, p.fleet_restart_s, 0)
     finally:
-        holder["cloud"].stop()
-    t = Table("fleet", "Concurrent uploads over loopback HTTP", [
+        cloud.stop()
+        store.close()
+        if pg is not None:
+            pg.stop()
+    _tables(sec, p, steady, restart, cloud.peak, db_note)
+    sec.data = {"steady": steady, "restart": restart, "peak_rss_mib": cloud.peak, "database": db_note}
+    return sec
+
+
+def _tables(sec: Section, p, steady: dict, restart: dict, peak: dict, db_note: str) -> None:
+    t = Table("fleet", "Concurrent uploads through the product client", [
         "run", "devices x samples", "upload requests", "throughput (samples/s)", "p50 request ms", "p99 request ms",
         "stored rows / expected", "exactly once", "re-sends answered as duplicate", "failed syncs retried"])
-    for label, r in (("steady (no restart)", steady), ("cloud restarted mid-run", restart)):
+    for label, r in (("steady (no restart)", steady), ("cloud killed + restarted mid-run", restart)):
         t.add(label, [num(r["devices"] * r["per_device"], "{:.0f}"), num(r["requests"], "{:.0f}"),
                       num(r["throughput"], "{:.0f}"), num(r["p50_ms"], "{:.1f}"), num(r["p99_ms"], "{:.1f}"),
                       num(r["stored_rows"] / r["expected"], "{:.3f}"), num(1.0 if r["exactly_once"] else 0.0, "{:.0f}"),
                       num(r["duplicates_answered"], "{:.0f}"), num(r["client_errors"], "{:.0f}")])
+    if steady["p99_ms"] != steady["p99_ms"]:
+        t.rows[0][1][4] = na("no requests")
     rs = restart["restart"]
     t.notes = [
-        f"{p.fleet_devices} device processes (multiprocessing, spawn), each with its own bearer token and SQLite queue "
-        f"of {p.fleet_samples} schema-valid synthetic UplinkSamples (~2 KB each), uploading with the product's "
-        f"`sync_queue` in requests of {p.fleet_batch} samples after a common start signal; the cloud is a "
-        "LoopbackCloud (uvicorn + FastAPI + SQLite store) in the bench process. Latency = wall time of one upload "
-        "request as the device's CloudClient sees it, retries included. Throughput = samples / (last device done - start).",
-        f"Restart run: when {rs['stored_at_restart']} of {rs['expected']} samples were stored, the cloud was stopped "
-        f"and a new one started on the same data folder and {'the same' if rs['same_port'] else 'a NEW'} port "
-        f"({1e3 * rs['downtime_s']:.0f} ms down); devices retried (CloudClient backoff) and re-synced their queues.",
-        "'Exactly once' = 1 when every generated sample id of every device is in the cloud's store exactly once "
-        "and nothing else is (checked with SQL on the store after the run), else 0.",
+        f"Cloud: `cdcca cloud serve --workers 0` (uvicorn + FastAPI) and 2 `cdcca cloud worker`-style processes "
+        f"(bench.fleet worker: the product Worker with a synthetic round), store on {db_note}. "
+        f"{p.fleet_devices} device processes (spawn), each with its own token and SQLite queue of {p.fleet_samples} "
+        f"schema-valid synthetic UplinkSamples (~2 KB PNG each), uploading with `sync_queue` in requests of "
+        f"{p.fleet_batch}. Latency = one upload request as the device's CloudClient sees it, retries included.",
+        f"Restart run: when {rs['stored_at_restart']} of {rs['expected']} samples were stored the API process was "
+        f"killed (SIGKILL) and started again on the same data and port {rs['downtime_s']:.1f} s later.",
+        "'Exactly once' = 1 when every generated sample id of every device is in the store exactly once and nothing "
+        "else is (SQL GROUP BY ... HAVING count(*) > 1 finds none), else 0. The machine was shared and loaded.",
     ]
     sec.tables.append(t)
+    waits = [r["queue_wait_s"] for r in steady["rounds"] if r["state"] == "done"]
+    t2 = Table("fleet_rounds", "Rounds: devices requesting at once, two workers, fair by age", [
+        "run", "rounds requested", "done", "rounds/min", "queue wait min s", "queue wait median s", "queue wait max s",
+        "GET status p50 ms", "GET status p99 ms", "API peak RSS MiB", "worker peak RSS MiB"])
+    t2.add("steady run", [num(len(steady["rounds"]), "{:.0f}"), num(steady["rounds_done"], "{:.0f}"),
+                          num(steady["rounds_per_min"], "{:.1f}"),
+                          num(min(waits) if waits else float("nan"), "{:.1f}"),
+                          num(float(np.median(waits)) if waits else float("nan"), "{:.1f}"),
+                          num(max(waits) if waits else float("nan"), "{:.1f}"),
+                          num(steady["status_p50_ms"], "{:.1f}"), num(steady["status_p99_ms"], "{:.1f}"),
+                          num(peak["api"], "{:.0f}"), num(peak["worker"], "{:.0f}")])
+    t2.notes = [
+        f"{len(steady['rounds'])} devices call POST /v1/rounds at the same moment after their uploads; each round is "
+        f"a synthetic CPU-bound {p.fleet_round_s:g} s busy loop per worker (measures queue + scheduling, not AKD). "
+        "Queue wait = started_at - created_at of each device's round. GET status = GET /v1/rounds polled every "
+        f"20 ms by the bench while the workers ran ({steady['status_requests']} requests). Peak RSS = VmHWM.",
+    ]
+    sec.tables.append(t2)
     for label, r in (("Steady run", steady), ("Restart run", restart)):
         ok = r["exactly_once"] and r["counts_ok"] and r["left_pending"] == 0
         sec.findings.append(f"{label}: {r['stored_rows']} of {r['expected']} samples stored, "
                             + ("every one exactly once." if ok else "NOT exactly once (see table)."))
         if not ok:
             sec.not_beaten.append(f"Fleet {label.lower()}: samples lost or duplicated.")
-    down_ms = 1e3 * restart["restart"]["downtime_s"]
-    if restart["client_errors"]:
-        sec.findings.append(f"Restart: {restart['client_errors']} device syncs failed during the {down_ms:.0f} ms "
-                            "downtime and were run again from the durable queue; "
-                            f"{restart['duplicates_answered']} re-sent samples were recognised as duplicates.")
-    else:
-        sec.findings.append(f"Restart: no device sync failed -- the CloudClient's retries with backoff rode out the "
-                            f"{down_ms:.0f} ms downtime; {restart['duplicates_answered']} re-sent samples were "
-                            "recognised as duplicates.")
-    if restart["restart"]["stored_at_restart"] >= restart["expected"]:
-        sec.findings.append("The uploads finished before the restart could happen: the restart run did not "
-                            "exercise recovery.")
-    sec.data = {"steady": steady, "restart": restart}
-    if steady["p99_ms"] != steady["p99_ms"]:
-        t.rows[0][1][4] = na("no requests")
-    return sec
+    if steady["samples_learnt"] != steady["samples_marked_used"]:
+        sec.not_beaten.append("Rounds: samples marked used differ from the rounds' sample counts.")
+    sec.findings.append(f"Restart: {restart['client_errors']} device syncs failed during the "
+                        f"{rs['downtime_s']:.1f} s outage (each re-ran from its durable queue); "
+                        f"{restart['duplicates_answered']} re-sent samples were answered as duplicates.")
+    if rs["stored_at_restart"] >= rs["expected"]:
+        sec.findings.append("The uploads finished before the restart: the restart run did not exercise recovery.")
+
+
+def _worker_main(round_s: float) -> None:
+    """`python -m bench.fleet worker ROUND_S`: the product's worker loop with the synthetic round."""
+    from cloud.worker import run_worker
+    from device.contracts.config import load_settings
+
+    run_worker(load_settings(), busy_round(round_s), poll_s=0.2)
+
+
+if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "worker":
+    _worker_main(float(sys.argv[2]))

@@ -26,6 +26,9 @@ class Profile:
     transfer_reps: int
     memcpy_mib: int
     workers: int = 2  # training processes, one torch thread each
+    fleet_restart_s: float = 15.0  # cloud API down this long mid-upload (issue 11)
+    fleet_round_s: float = 3.0  # the fleet's synthetic round, per worker
+    fleet_round_devices: int = 8  # devices requesting a round at the same moment
     mask_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     dwc_budgets_kib: tuple[int | None, ...] = (8, 16, 32, 48, 96, None)
 
@@ -36,11 +39,12 @@ class Profile:
 PROFILES = {
     "tiny": Profile("tiny", seeds=1, chats_per_domain=10, steps=4, batch_size=16, eval_n=12, replay_n=200,
                     ablation_seeds=1, continual_domains=("noise",), continual_chats=10, fleet_devices=2,
-                    fleet_samples=6, fleet_batch=2, perf_prompts=6, perf_reps=1, transfer_reps=1, memcpy_mib=16),
+                    fleet_samples=6, fleet_batch=2, perf_prompts=6, perf_reps=1, transfer_reps=1, memcpy_mib=16,
+                    fleet_restart_s=1.0, fleet_round_s=0.5, fleet_round_devices=2),
     "quick": Profile("quick", seeds=2, chats_per_domain=100, steps=100, batch_size=48, eval_n=200, replay_n=4000,
                      ablation_seeds=1, continual_domains=("noise", "texture", "combo"), continual_chats=100,
                      fleet_devices=8, fleet_samples=50, fleet_batch=5, perf_prompts=60, perf_reps=3,
-                     transfer_reps=3, memcpy_mib=128),
+                     transfer_reps=3, memcpy_mib=128, fleet_restart_s=5.0),
     "full": Profile("full", seeds=3, chats_per_domain=200, steps=150, batch_size=48, eval_n=300, replay_n=4000,
                     ablation_seeds=3, continual_domains=("noise", "texture", "combo", "rotate"), continual_chats=200,
                     fleet_devices=64, fleet_samples=100, fleet_batch=10, perf_prompts=150, perf_reps=5,
