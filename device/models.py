@@ -64,7 +64,7 @@ def open_device_model(settings: Settings, model: Path | None = None, mmproj: Pat
         m, p = bundled_files(quant)
         store.install_base(m, p)
     store.recover()
-    v = store.check()  # the live files must be the bytes this version's record names
+    v = store.identify()  # the live files must be this version's bytes; their hashes name the model
     paths = store.paths(v)
     mid = model_id_from_hashes({r: rec.sha256 for r, rec in v.files.items()})
     stats = FeatureStats.load(DEFAULT_MODEL_DIR / FEATURE_STATS_FILE) if (DEFAULT_MODEL_DIR / FEATURE_STATS_FILE).is_file() else None

@@ -201,6 +201,27 @@ class Runtime:
         self._load()
         return time.perf_counter() - t
 
+    @property
+    def weights_mapped(self) -> bool:
+        """True when llama.cpp computes straight from the memory-mapped text model (CPU, mmap,
+        weights not repacked): bytes patched in place into that file are live without a reload
+        (the page cache is the mapping; tested bit-exact against a fresh load)."""
+        import llama_cpp
+
+        mode = getattr(self._llama.model_params, "load_mode", None) if self._llama is not None else None
+        return mode in (llama_cpp.LLAMA_LOAD_MODE_MMAP, llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK) and not self.cfg.repack
+
+    def refresh(self, roles: tuple[str, ...] = ("model",)) -> float:
+        """Make bytes patched in place effective at the least cost; returns seconds taken.
+        Text-model patches are already live when ``weights_mapped`` (only the KV memory is
+        cleared); libmtmd copies the mmproj's weights, so an mmproj patch (or repacked weights)
+        needs a reload."""
+        if "mmproj" in roles or not self.weights_mapped:
+            return self.reload()
+        t = time.perf_counter()
+        self._clear_memory()
+        return time.perf_counter() - t
+
     def close(self) -> None:
         from llama_cpp import mtmd_cpp
 

@@ -44,6 +44,7 @@ from device.patch import clone_file, fcntl, fsync_dir, plan_patch, sha256_file, 
 CRASH_ENV = "CDCCA_CRASH_AT"
 FILE_NAMES = {"model": "model.gguf", "mmproj": "mmproj.gguf"}
 DEFAULT_KEEP = 20  # versions kept by prune(): records are ~2x a patch, so history is cheap
+PENDING = ""  # a FileRecord.sha256 not computed yet (see ``identify``)
 
 
 class VersionError(RuntimeError):
@@ -107,7 +108,7 @@ class ApplyResult:
     bytes_written: int  # bytes written into the live files (== the patch payload)
     bytes_copied: int  # always 0 now: no copy of the model is made
     copy_method: str  # "in-place"
-    timings: dict[str, float] = field(default_factory=dict)  # verify/journal/write/hash/commit
+    timings: dict[str, float] = field(default_factory=dict)  # verify/journal/write/commit
     journal_bytes: int = 0  # the delta record kept for rollback (old + new bytes + header)
 
 
@@ -165,11 +166,34 @@ class VersionStore:
                 raise VersionError(f"{p}: missing; the store's {cur.id} cannot be loaded")
             if fp.get(role) == _fingerprint(p, rec.sha256):
                 continue
+            if rec.sha256 == PENDING:
+                raise VersionError(f"{p}: changed since cdcca patched it, before its hash was recorded; "
+                                   "refusing to load it")
             if p.stat().st_size != rec.size or sha256_file(p) != rec.sha256:
                 raise VersionError(f"{p}: bytes differ from the record of {cur.id} (the file was replaced or "
                                    "changed outside cdcca); refusing to load it")
             self._save_fingerprint({role: p})
         return cur
+
+    def identify(self) -> Version:
+        """The current version with every file's sha256 known: an apply writes O(patch) bytes and
+        leaves the whole-file hash (an O(model) read, the version's identity for the cloud) to
+        the first use; this computes and records it, after ``check`` proved the bytes are ours."""
+        with self._lock():
+            self._recover_locked()
+            return self._identify_locked(self.check())
+
+    def _identify_locked(self, cur: Version) -> Version:
+        pending = [r for r, rec in cur.files.items() if rec.sha256 == PENDING]
+        if not pending:
+            return cur
+        files = self.paths_for(cur).roles()
+        recs = {**cur.files, **{r: _file_record(files[r]) for r in pending}}
+        log = self._load_log()
+        v = log["versions"][cur.id] = replace(cur, files=recs)
+        self._save_log(log)
+        self._save_fingerprint({r: files[r] for r in pending}, recs)
+        return v
 
     # ------------------------------------------------------------ install / apply / switch
     def install_base(self, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None,
@@ -219,6 +243,7 @@ class VersionStore:
                 raise PatchError(f"{patch.path}: built for version {patch.meta.parent_version}, the device is at "
                                  f"{cur.id}; nothing written")
             placements = plan_patch(patch, files)  # every refusal happens here: nothing written yet
+            cur = self._identify_locked(cur)  # its hash must be known before its bytes go
             laps("verify")
             log = self._load_log()
             vid = f"v{log['next']}"
@@ -241,8 +266,8 @@ class VersionStore:
             verify_written(patch, placements, files)
             laps("write")
             touched = {s.role for s in delta.spans}
-            recs = {r: _file_record(files[r]) if r in touched else cur.files[r] for r in cur.files}
-            laps("hash")
+            recs = {r: FileRecord(FILE_NAMES[r], PENDING, files[r].stat().st_size) if r in touched else cur.files[r]
+                    for r in cur.files}
             v = Version(vid, cur.id, patch.meta.round_id, v_stub.created, recs, patch.payload_bytes, patch.meta.note)
             log["versions"][vid] = v
             log["next"] += 1
@@ -267,7 +292,7 @@ class VersionStore:
         """Make any kept version current -- back or forward -- by replaying delta records."""
         with self._lock():
             self._recover_locked()
-            cur = self.check()
+            cur = self._identify_locked(self.check())
             tv = self.version(target)
             if tv.id == cur.id:
                 return cur
@@ -401,9 +426,11 @@ class VersionStore:
             for p in files.values():
                 os.chmod(p, 0o444)
         for role, p in files.items():  # rare path: prove the whole file, not just the spans
-            if sha256_file(p) != rec.files[role].sha256:
+            if rec.files[role].sha256 != PENDING and sha256_file(p) != rec.files[role].sha256:
                 raise VersionError(f"{p}: bytes after recovery do not match the record of {end}")
         self._save_fingerprint(files, rec.files)
+        if committed:
+            self._identify_locked(rec)
         if not committed and j.new_version is not None:
             (self.undo / f"{j.target}.delta").unlink(missing_ok=True)
         (self.dir / "JOURNAL").unlink()

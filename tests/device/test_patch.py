@@ -103,7 +103,8 @@ def test_apply_gives_fresh_bytes_and_rollback_restores(world):
     assert res.version.id == "v1" and res.version.parent == "v0" and res.version.round_id == "r1"
     assert store.current() == res.version and res.paths == store.paths("v1")
     assert res.paths.model.read_bytes() == world["fresh"].read_bytes()  # the field notes' claim
-    assert res.version.files["model"].sha256 == sha(world["fresh"])
+    assert res.version.files["model"].sha256 == ""  # identity hash left to the first use (O(model) read)
+    assert store.identify().files["model"].sha256 == sha(world["fresh"]) == store.version("v1").files["model"].sha256
     payload = read_patch(world["patch"]).payload_bytes
     assert res.bytes_written == payload == res.version.patch_bytes
     # in place: the same files (no copy), still read-only; the delta record holds old + new bytes
@@ -313,7 +314,7 @@ def check_consistent(world: dict, cleaned: list | None = None) -> str:
     report = store.recover()
     if cleaned is not None:
         cleaned.append(len(report.removed) + len(report.relogged))
-    cur = store.current()
+    cur = store.identify()
     assert cur.id in {v.id for v in store.list()}
     assert not [p for p in store.dir.iterdir() if p.name.startswith(".staging") or ".tmp-" in p.name]
     assert not (store.dir / "JOURNAL").exists()
@@ -459,3 +460,14 @@ def test_llama_cpp_loads_patched_version_with_fresh_logits(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     b, p, f = (np.array(x) for x in json.loads(run.stdout.strip().splitlines()[-1]))
     assert np.array_equal(p, f) and not np.allclose(p, b)
+
+
+def test_a_file_changed_before_its_hash_was_recorded_is_refused(world):
+    store: VersionStore = world["store"]
+    live = store.apply_patch(world["patch"]).paths.model
+    os.chmod(live, 0o644)
+    with open(live, "r+b") as f:  # tampered between the apply and the first use
+        f.seek(100)
+        f.write(b"\x00")
+    with pytest.raises(VersionError, match="before its hash was recorded"):
+        store.identify()
