@@ -46,20 +46,21 @@ def report_table(rep) -> "Table":  # noqa: F821
 class _StageLines:
     """Not a terminal: one line per stage, printed when the stage ends (with its wall time)."""
 
-    def __init__(self, stages: tuple[str, ...]) -> None:
-        self.stages, self.i, self.t0, self.msg = stages, -1, time.monotonic(), ""
+    def __init__(self, stages: tuple[str, ...], clock=time.monotonic) -> None:
+        self.stages, self.clock = stages, clock
+        self.i, self.t0, self.msg = -1, clock(), ""
 
     def __call__(self, stage: str, frac: float, msg: str) -> None:
         i = self.stages.index(stage)
         if i != self.i:
             self.close(i)
-            self.i, self.t0 = i, time.monotonic()
+            self.i, self.t0 = i, self.clock()
         self.msg = msg or self.msg
 
     def close(self, upto: int | None = None) -> None:
         end = len(self.stages) if upto is None else upto
         if 0 <= self.i < end:
-            console.print(f"{self.stages[self.i]:>10}  done in {time.monotonic() - self.t0:5.1f} s  {self.msg}",
+            console.print(f"{self.stages[self.i]:>10}  done in {self.clock() - self.t0:5.1f} s  {self.msg}",
                           highlight=False, soft_wrap=True)
             for s in self.stages[self.i + 1:end]:
                 console.print(f"{s:>10}  skipped", highlight=False)

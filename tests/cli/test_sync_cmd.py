@@ -13,10 +13,12 @@ import pytest
 from device.contracts.config import load_settings
 
 CDCCA = [sys.executable, "-m", "cdcca_cli"]
-# The issue's bound is 2 s for the whole command.  On the shared 2-core machine Python + the CLI's
-# imports alone took 1.1-2.8 s, so the test bounds what the failure adds on top of starting the
-# CLI (measured in the same run), and prints both; the old path spent 15-20 s measuring first.
-EXTRA_S = 1.0
+# The issue's bound is 2 s for the whole command (met when the machine is idle: 1.1 s measured).
+# On the shared, loaded 2-core machine Python + the CLI's imports alone took 0.9-2.8 s, so the test
+# bounds what the failure adds on top of starting the CLI (measured in the same run) and prints
+# both.  That extra is mostly importing the device's HTTP client (device.uplink pulls in gguf,
+# numpy and cryptography: ~0.8 s under load); the old path spent 15-20 s measuring first.
+EXTRA_S = 1.5
 
 
 @pytest.fixture
@@ -67,3 +69,24 @@ def test_nothing_new_to_learn_from_fails_at_once_and_says_so(cloud):
     base = startup_s()
     print(f"nothing new: {took:.2f} s (baseline `cdcca --help`: {base:.2f} s)")
     assert took - base < EXTRA_S, f"took {took:.2f} s, startup {base:.2f} s"
+
+
+def test_not_a_terminal_one_line_per_stage(capsys):
+    """Bug 7: with stdout not a TTY, each stage prints one line when it ends (with its time)."""
+    from cdcca_cli import sync_cmd
+    from device.contracts.round_metrics import STAGES
+
+    ticks = iter([0.0, 0.0, 1.5, 1.5, 4.0, 4.0, 9.0, 9.0, 14.0])
+    lines = sync_cmd._StageLines(STAGES, clock=lambda: next(ticks))
+    lines("check", 0.0, "checking")
+    lines("check", 1.0, "3 samples to upload")
+    lines("measure", 0.0, "measuring")
+    lines("upload", 1.0, "3 new samples")
+    lines("distil", 0.5, "step 5/10")
+    lines.close()
+    raw = capsys.readouterr().out.splitlines()
+    assert [ln[:10].strip() for ln in raw] == list(STAGES)
+    out = [ln[10:].split() for ln in raw]
+    assert out[0][:3] == ["done", "in", "1.5"] and out[0][-4:] == ["3", "samples", "to", "upload"]
+    assert out[1][:3] == ["done", "in", "2.5"] and out[3][:3] == ["done", "in", "5.0"]
+    assert all(ln == ["skipped"] for ln in out[4:])
