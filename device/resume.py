@@ -157,7 +157,8 @@ def follow(client: CloudClient, device_dir: Path, request: RoundRequest, rec: In
         if st.state == "done":
             return st, resumed or resumed_any
         clear_inflight(device_dir)
-        if st.state == "failed" and st.message.startswith(ROUND_INTERRUPTED):
+        lost = st.state == "failed" and st.message.startswith(ROUND_INTERRUPTED)
+        if lost or resumed:  # a restart lost it, or it ended while no sync watched: go again
             if on_restart is not None:
                 on_restart(rid)
             continue

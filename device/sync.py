@@ -141,12 +141,13 @@ def _run_locked(settings: Settings, client: CloudClient, opts: SyncOptions, quan
     def progress(s):
         if cancel is not None and cancel.is_set():
             client.cancel_round(s.round_id)
+            clear_inflight(settings.device_dir)  # the user ended it: nothing to resume
             raise InterruptedError("sync cancelled")
         stage(*face_progress(s.stage, s.progress), s.message)
 
     request = RoundRequest(base_model=model.id, options=opts.round)
     st, rep.resumed = follow(client, settings.device_dir, request, rec, progress, opts.timeout_s,
-                             on_restart=lambda rid: stage("distil", 0.0, f"the cloud lost round {rid}; starting again"))
+                             on_restart=lambda rid: stage("distil", 0.0, f"round {rid} ended without a patch; starting a new one"))
     rep.round_id = st.round_id
     rep.round_seconds = time.time() - t0
     rep.cloud = RoundMetrics.model_validate(st.metrics)
@@ -217,6 +218,10 @@ def _downlink(settings: Settings, client: CloudClient, model: DeviceModel, st: R
         except (SignatureError, PatchError, VersionError) as exc:
             release(client, settings.device_dir, rid)
             raise PatchRefused(f"{exc}; the device stays on {model.version}") from None
+        except CloudError as exc:
+            if exc.status in (404, 409, 410):  # the cloud no longer has this patch: stop resuming it
+                release(client, settings.device_dir, rid)
+            raise
         finally:
             dest.unlink(missing_ok=True)
         rep.apply_seconds, rep.version_after = res.seconds, res.version.id

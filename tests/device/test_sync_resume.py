@@ -119,6 +119,8 @@ def test_sync_rides_out_a_cloud_kill_and_restart(world) -> None:
     t.start()
     rid = wait_running(cloud, token)
     assert load_inflight(settings.device_dir).round_id == rid  # persisted before it ran
+    assert (settings.device_dir / "round.json").stat().st_mode & 0o777 == 0o600
+    assert settings.device_dir.stat().st_mode & 0o777 == 0o700
     cloud.kill()
     time.sleep(DOWN_S)
     cloud.start()
