@@ -265,6 +265,18 @@ class CdccaApp(VersionActions, App[None]):
         self.chat.set_status("kept for the uplink" if t.kept else "ready")
         self.render_plots()
 
+    def _turn_failed(self, error: BaseException) -> None:
+        self.chat.transcript.update_last(self.state.fail_turn(error))
+        self.chat.set_status("ready")
+
+    def _queue_changed(self, stats: Any) -> None:
+        self.state.set_queue(stats)
+        self.render_panels()
+
+    def action_focus_question(self) -> None:
+        self.action_tab("chat")
+        self.chat.question.focus()
+
     # --- cloud: health and upload ---------------------------------------------------------
     @work(thread=True, exclusive=True, group="health")
     def check_cloud(self) -> None:

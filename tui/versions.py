@@ -36,21 +36,9 @@ class VersionActions:
         except Exception as e:
             self._ui(self.notify, one_line(e), title="device model", severity="error")
             return
-        self._ui(self.notify, f"the device model changed on disk: now {now or on_disk} (reloaded)",
-                 title="device model")
+        if now is not None:  # (None: this app made the change itself and has reloaded already)
+            self._ui(self.notify, f"the device model changed on disk: now {now} (reloaded)", title="device model")
         self._refresh_device()
-
-    def _turn_failed(self, error: BaseException) -> None:
-        self.chat.transcript.update_last(self.state.fail_turn(error))
-        self.chat.set_status("ready")
-
-    def _queue_changed(self, stats: Any) -> None:
-        self.state.set_queue(stats)
-        self.render_panels()
-
-    def action_focus_question(self) -> None:
-        self.action_tab("chat")
-        self.chat.question.focus()
 
     # --- versions -------------------------------------------------------------------------
     def _selected_version(self) -> str | None:
