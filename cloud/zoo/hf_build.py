@@ -24,8 +24,8 @@ from .scenes import DOMAINS, TARGET_DOMAINS
 ZOO_DIR = Path(__file__).parent
 # the files whose code decides a role's weights (the export/eval half of this file does not)
 TRAINING_CODE = ("scenes.py", "split.py", "spm_tokenizer.py", "hf_model.py", "hf_data.py", "hf_train.py")
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
-DEFAULT_QUANT = "q4_0"
+from .hf_assets import (DEFAULT_QUANT, QUANTS, _accuracy_table, agreement, device_answers, export_student,
+                        parity, sha256_file, torch_answers, write_datasets, write_feature_stats)
 
 
 @dataclass
@@ -228,132 +228,6 @@ def train_both(cfg: HFBuildConfig, cache: Path, progress: bool) -> dict[str, Pat
     return {r: role_dir(cfg, r, cache) for r in ("student", "teacher")}
 
 
-# ---------------------------------------------------------------- export
-_FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
-
-
-def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
-    """The wheel's llama-quantize (``llama_model_quantize``) on the converter's f32 output: the
-    bytes a user's own ``llama-quantize`` run would give (its per-tensor type choices included)."""
-    import ctypes
-
-    import llama_cpp
-
-    from device.runtime import _silence_llama_logs
-
-    _silence_llama_logs()
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = getattr(llama_cpp, _FTYPES[qtype])
-    p.nthread = 1
-    tmp = dst.with_name(f".{dst.name}.part")
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(p)) != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama_model_quantize failed: {src} -> {qtype}")
-    tmp.replace(dst)
-    return dst
-
-
-def export_student(ckpt: Path, out: Path, quants=QUANTS, mmproj_quants=("f32", "f16")) -> dict[str, int]:
-    """``student-{q}.gguf`` for each device type and ``mmproj-{q}.gguf``; returns their sizes."""
-    from cloud.converter import convert
-
-    f32 = convert(ckpt, out / "student-f32.gguf", "f32")
-    for q in quants:
-        if q != "f32":
-            quantize_gguf(f32, out / f"student-{q}.gguf", q)
-    for q in mmproj_quants:
-        convert(ckpt, out / f"mmproj-{q}.gguf", q, mmproj=True)
-    if "f32" not in quants:
-        f32.unlink()
-    return {p.stem: p.stat().st_size for p in sorted(out.glob("*.gguf"))}
-
-
-# ---------------------------------------------------------------- evaluation and data
-def torch_answers(ckpt: Path, split) -> list[str]:
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from . import hf_evaluate
-    from .hf_data import Layout
-    from .hf_model import ModelSpec, load_model
-    from .spm_tokenizer import load_tokenizer
-
-    torch.set_num_threads(1)
-    hf_logging.disable_progress_bar()  # one bar per tiny load would drown the build's own output
-    spec = ModelSpec.from_dict(json.loads((ckpt / "cdcca_spec.json").read_text()))
-    return hf_evaluate.generate(load_model(ckpt), Layout(load_tokenizer(ckpt), spec.tokens_per_image()),
-                                split.images, split.questions)
-
-
-def device_answers(model_gguf: Path, mmproj_gguf: Path, split) -> list[str]:
-    """Greedy answers from llama.cpp + libmtmd, exactly as the device runs the files."""
-    from device.runtime import Runtime, RuntimeConfig
-
-    with Runtime(RuntimeConfig(model_gguf, mmproj_gguf, n_threads=1)) as rt:
-        return [rt.generate(q, img, max_tokens=16).text for q, img in zip(split.questions, split.images)]
-
-
-def agreement(a: list[str], b: list[str]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
-
-
-def write_feature_stats(ckpt: Path, out: Path, cfg: HFBuildConfig) -> None:
-    """Per-position [N, D] source statistics of the student's projected visual tokens (the device's
-    UTS reference for its out-of-distribution score)."""
-    import torch
-
-    from device.contracts.feature_stats import FEATURE_STATS_FILE, FeatureStats
-
-    from .hf_data import image_features
-    from .hf_model import load_model
-
-    split = stages(cfg, "student")[0][0]
-    with torch.no_grad():
-        e = image_features(load_model(ckpt), split.images[:2000]).numpy()
-    FeatureStats(e.mean(0), e.var(0) + 1e-6, int(e.shape[0])).save(out / FEATURE_STATS_FILE)
-
-
-def write_datasets(out: Path, cfg: HFBuildConfig) -> dict[str, str]:
-    """The data as inputs: ``data/replay.json`` (source, what AKD replays against forgetting) and
-    ``data/eval.json`` (held-out, every domain), LLaVA JSON with PNGs beside them."""
-    from device.contracts.dataset import llava_record, write_llava
-    from device.contracts.image import encode_png
-
-    from . import scenes
-
-    root = out / "data"
-    (root / "images").mkdir(parents=True, exist_ok=True)
-
-    def records(samples, tag: str) -> list[dict]:
-        recs = []
-        for i, s in enumerate(samples):
-            rid = f"{tag}-{s.domain}-{i:05d}"
-            (root / f"images/{rid}.png").write_bytes(encode_png(s.image))
-            recs.append(llava_record(rid, f"images/{rid}.png", s.question, s.answer, domain=s.domain, task=s.task))
-        return recs
-
-    write_llava(root / "replay.json", records(scenes.generate("source", cfg.replay_n, cfg.seed + 4000), "replay"))
-    ev = [s for d in DOMAINS for s in scenes.generate(d, cfg.eval_n, cfg.seed + 1000)]
-    write_llava(root / "eval.json", records(ev, "eval"))
-    return {"replay": "data/replay.json", "eval": "data/eval.json"}
-
-
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _accuracy_table(acc: dict) -> str:
-    rows = []
-    for who, r in acc.items():
-        doms = " ".join(f"{d} {v['vqa']:.3f} [{v['vqa_ci'][0]:.3f},{v['vqa_ci'][1]:.3f}]" for d, v in r["domains"].items())
-        rows.append(f"{who}: {doms}")
-    return "\n".join(rows)
-
-
 # ---------------------------------------------------------------- build
 def build(preset: str | HFBuildConfig = "default", out: Path | str = "assets/default-hf", progress: bool = True,
           force: bool = False, cache: Path | None = None) -> Path:
@@ -377,11 +251,14 @@ def build(preset: str | HFBuildConfig = "default", out: Path | str = "assets/def
     quick = cfg.preset == "tiny"
     sizes = export_student(tmp / "student", tmp, ("f32", DEFAULT_QUANT) if quick else QUANTS,
                            ("f32",) if quick else ("f32", "f16"))
-    write_feature_stats(tmp / "student", tmp, cfg)
+    write_feature_stats(tmp / "student", tmp, stages(cfg, "student")[0][0])
     data_files = write_datasets(tmp, cfg)
     ev = from_samples([s for d in DOMAINS for s in scenes.generate(d, cfg.eval_n, cfg.seed + 1000)])
     from .scoring import score
 
+    probe = from_samples([s for d in DOMAINS for s in scenes.generate(d, min(cfg.eval_n, 60), cfg.seed + 1000)])
+    fidelity = {q: parity(tmp / "student", tmp / f"student-{q}.gguf", tmp / "mmproj-f32.gguf", probe)
+                for q in (("f32", DEFAULT_QUANT) if quick else QUANTS)}
     answers = {r: torch_answers(tmp / r, ev) for r in ("student", "teacher")}
     dev = device_answers(tmp / f"student-{DEFAULT_QUANT}.gguf", tmp / "mmproj-f32.gguf", ev)
     acc = {"student": score(answers["student"], ev), "teacher": score(answers["teacher"], ev),
@@ -394,6 +271,7 @@ def build(preset: str | HFBuildConfig = "default", out: Path | str = "assets/def
         "image_tokens": {r: ModelSpec.from_dict(getattr(cfg, r).spec).tokens_per_image() for r in roles},
         "gguf_bytes": sizes, "accuracy": acc,
         "device_vs_torch_agreement": {DEFAULT_QUANT: agreement(dev, answers["student"])},
+        "device_vs_torch_probe": fidelity,  # per quant type, mmproj f32, 60 per domain
         "teacher_beats_student_by": {d: acc["teacher"]["domains"][d]["vqa"] - acc["student"]["domains"][d]["vqa"]
                                      for d in TARGET_DOMAINS},
         "files": {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))

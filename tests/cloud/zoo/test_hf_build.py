@@ -77,3 +77,24 @@ def test_role_training_is_reproducible(tmp_path):
     assert a.name == b.name == role_dir(PRESETS["tiny"], "student", tmp_path / "a").name
     for f in ("model.safetensors", "tokenizer.model", "tokenizer.json", "config.json"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_training_layout_equals_the_family_seams_libmtmd_layout(tiny):
+    """The default is trained in the layout cloud/families/idefics3_layout.py derives from libmtmd."""
+    from gguf import GGUFReader
+
+    from cloud.families.idefics3_layout import Geometry, LlamaVocab, layout
+    from cloud.zoo.hf_data import pixel_values
+    from device.contracts import prompt
+
+    out, _ = tiny
+    lay = Layout(load_tokenizer(out / "student"), ModelSpec.from_dict(PRESETS["tiny"].student.spec).tokens_per_image())
+    geo = Geometry.from_mmproj(GGUFReader(out / "mmproj-f32.gguf"))
+    vocab = LlamaVocab(str(out / "student-f32.gguf"))
+    ev = hf_build.eval_split(PRESETS["tiny"], n=2)
+    for q, img in zip(ev.questions, ev.images):
+        seam = layout(vocab, geo, prompt.prompt_text(q, True), img, lay.image_id)
+        assert seam.input_ids == lay.prefix + lay.suffix(q)
+        ours = pixel_values(img[None])[0].numpy()
+        assert seam.pixel_values.shape[0] == 2  # one tile + the overview
+        np.testing.assert_allclose(seam.pixel_values, np.stack([ours, ours]), atol=1e-6)
