@@ -57,7 +57,10 @@ class UTSConfig:
     mode: Literal["absolute", "adaptive"] = "adaptive"
     rule: Rule = "or"  # or: either score passes; and: both; entropy / ood: that score alone
     aggregate: Aggregate = "mean"  # how answer-token entropies become one number
-    entropy_threshold: float = 0.5  # absolute mode, nats
+    entropy_threshold: float = 0.5  # absolute mode, nats at a vocabulary of entropy_ref_vocab tokens
+    # the threshold scales with log V (entropy's range), so one setting fits a 373-token toy and a
+    # 262k-token model alike; None = plain nats. 373 = the embedded default, where 0.5 was tuned.
+    entropy_ref_vocab: int | None = 373
     ood_threshold: float = 2.0  # absolute mode, mean squared z-score (~1 in distribution)
     keep_fraction: float = 0.3  # adaptive mode: target fraction of samples kept
     window: int = 512  # adaptive mode: recent samples the running quantiles look at
@@ -197,14 +200,21 @@ class SampleGate:
         self._o: deque = deque(maxlen=cfg.window)
         self._c: deque = deque(maxlen=cfg.window)
 
-    def __call__(self, entropy: float, ood: float | None) -> tuple[bool, float, str]:
+    def entropy_threshold(self, vocab_size: int | None) -> float:
+        """The absolute entropy threshold in nats for a model with ``vocab_size`` tokens."""
+        cfg = self.cfg
+        if cfg.entropy_ref_vocab is None or not vocab_size or vocab_size < 2:
+            return cfg.entropy_threshold
+        return cfg.entropy_threshold * math.log(vocab_size) / math.log(cfg.entropy_ref_vocab)
+
+    def __call__(self, entropy: float, ood: float | None, vocab_size: int | None = None) -> tuple[bool, float, str]:
         cfg = self.cfg
         if cfg.rule == "ood" and ood is None:
             return False, 0.0, "rule 'ood' but the sample has no visual tokens to score"
         if cfg.mode == "absolute":
-            c = _combine(cfg.rule, entropy / cfg.entropy_threshold,
-                         None if ood is None else ood / cfg.ood_threshold, 0.0)
-            why = f"score {c:.3f} {'>=' if c >= 1.0 else '<'} 1 (thresholds: entropy {cfg.entropy_threshold}, " \
+            h_thr = self.entropy_threshold(vocab_size)
+            c = _combine(cfg.rule, entropy / h_thr, None if ood is None else ood / cfg.ood_threshold, 0.0)
+            why = f"score {c:.3f} {'>=' if c >= 1.0 else '<'} 1 (thresholds: entropy {h_thr:.3g} nats, " \
                   f"ood {cfg.ood_threshold})"
             return c >= 1.0, c, why
         e = _rank(self._h, entropy)
@@ -394,9 +404,11 @@ def select(rec: ChatRecord, cfg: UTSConfig, stats: FeatureStats | None = None,
     emb = rec.visual_embeddings
     if emb is not None and (np.ndim(emb) != 2 or len(emb) == 0):
         raise ValueError(f"visual embeddings must be [N, D] with N >= 1, got shape {np.shape(emb)}")
+    if stats is not None and emb is not None and not stats.fits(emb):
+        stats = None  # stats of another model (or grid): OOD is not measured, chat goes on
     tok_ood = None if emb is None else token_ood(emb, stats)
     ood = float(tok_ood.mean()) if (tok_ood is not None and stats is not None) else None
-    keep, score, why = gate(entropy, ood)
+    keep, score, why = gate(entropy, ood, rec.vocab_size)
     head = dict(score=score, entropy=entropy, ood_score=ood or 0.0, raw_bytes=raw_bytes(rec))
     if not keep:
         return UTSDecision(False, f"confident: {why}", None, shipped_bytes=0, **head)

@@ -40,6 +40,12 @@ class FeatureStats:
     def dim(self) -> int:
         return int(self.mean.shape[-1])
 
+    def fits(self, emb: np.ndarray) -> bool:
+        """True when these statistics describe visual tokens shaped like ``emb`` ([N, D]): same D,
+        and the same N for per-position statistics."""
+        shape = np.shape(emb)
+        return len(shape) == 2 and shape[-1] == self.dim and (self.mean.ndim == 1 or self.mean.shape[0] == shape[0])
+
     @classmethod
     def from_features(cls, features: np.ndarray) -> "FeatureStats":
         """Pool any [..., D] array of source visual tokens (float64 accumulation)."""

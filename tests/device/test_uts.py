@@ -16,7 +16,7 @@ from device.contracts.feature_stats import FeatureStats
 from device.contracts.image import encode_png
 from device.uncertainty import TokenUncertainty
 from device.uts import (ChatRecord, SampleGate, UTSConfig, decode_visual_tokens, encode_image, encode_visual_tokens,
-                        raw_bytes, sample_id_for, select, select_answer_tokens, select_round)
+                        raw_bytes, sample_id_for, select, select_answer_tokens, select_round, token_ood)
 
 REPO = Path(__file__).resolve().parents[2]
 D, P, SIDE = 32, 8, 32  # embedding dim, patch size, image side: a 4x4 grid of 16 visual tokens
@@ -47,7 +47,8 @@ def record(seed=0, entropies=(0.1, 0.9, 0.3), shift=0.0, shifted=(), image=True,
                       visual_embeddings=emb if image else None, tag="test")
 
 
-ABS = UTSConfig(mode="absolute", entropy_threshold=0.5, ood_threshold=2.0, ship_visual_tokens=True, mask_ratio=0.5)
+ABS = UTSConfig(mode="absolute", entropy_threshold=0.5, ood_threshold=2.0, ship_visual_tokens=True, mask_ratio=0.5,
+                entropy_ref_vocab=None)  # plain nats here; the log V scaling has its own test
 
 
 # --- sample stage -------------------------------------------------------------------------------
@@ -210,7 +211,10 @@ def test_feature_stats_roundtrip(tmp_path, stats):
     with pytest.raises(ValueError):
         FeatureStats.load(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="stale"):
-        select(record(), ABS, FeatureStats(np.zeros(D + 1), np.ones(D + 1)))
+        token_ood(record().visual_embeddings, FeatureStats(np.zeros(D + 1), np.ones(D + 1)))
+    # another model's stats never crash a chat: OOD is simply not measured
+    d = select(record(entropies=(0.9,)), ABS, FeatureStats(np.zeros(D + 1), np.ones(D + 1)))
+    assert d.kept and d.ood_score == 0.0
 
 
 def test_per_position_stats(stats):
@@ -219,7 +223,20 @@ def test_per_position_stats(stats):
     rec = record(entropies=(0.9,), shift=2.5, shifted=[1, 4])
     assert select(rec, ABS, per_pos).ood_score == pytest.approx(select(rec, ABS, stats).ood_score, rel=1e-5)
     with pytest.raises(ValueError, match="per-position"):
-        select(rec, ABS, FeatureStats(per_pos.mean[:4], per_pos.var[:4]))
+        token_ood(rec.visual_embeddings, FeatureStats(per_pos.mean[:4], per_pos.var[:4]))
+    assert select(rec, ABS, FeatureStats(per_pos.mean[:4], per_pos.var[:4])).ood_score == 0.0
+
+
+def test_absolute_entropy_threshold_scales_with_log_vocabulary():
+    """0.5 nats at the toy's 373 tokens is the same fraction of log V as 1.05 nats at 262k."""
+    cfg = replace(ABS, rule="entropy", entropy_ref_vocab=373)
+    gate = SampleGate(cfg)
+    assert gate.entropy_threshold(373) == pytest.approx(0.5)
+    big = gate.entropy_threshold(262144)
+    assert big == pytest.approx(0.5 * math.log(262144) / math.log(373))
+    assert select(record(entropies=(0.8, 0.8), vocab=373), cfg, None).kept
+    assert not select(record(entropies=(0.8, 0.8), vocab=262144), cfg, None).kept
+    assert select(record(entropies=(big + 0.01,) * 2, vocab=262144), cfg, None).kept
 
 
 def test_device_modules_import_without_torch():
