@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pydantic import ValidationError
+
 from device.contracts.config import DEFAULT_MODEL_DIR, Settings
 from device.contracts.round_metrics import STAGES, RoundMetrics, face_progress
 from device.contracts.patch_format import PatchError
@@ -150,7 +152,7 @@ def _run_locked(settings: Settings, client: CloudClient, opts: SyncOptions, quan
                              on_restart=lambda rid: stage("distil", 0.0, f"round {rid} ended without a patch; starting a new one"))
     rep.round_id = st.round_id
     rep.round_seconds = time.time() - t0
-    rep.cloud = RoundMetrics.model_validate(st.metrics)
+    rep.cloud = _metrics(st.metrics)
     dwc = rep.cloud.dwc
     rep.samples_learned = rep.cloud.samples or st.n_samples
     rep.full_fp16_delta_bytes = dwc.full_fp16_delta_bytes
@@ -168,6 +170,15 @@ def _run_locked(settings: Settings, client: CloudClient, opts: SyncOptions, quan
     rep.accuracy_after = _eval(new_model, opts, settings.threads)
     stage("evaluate", 1.0, "done")
     return rep
+
+
+def _metrics(raw: dict) -> RoundMetrics:
+    """The cloud's round metrics are for the report only: malformed ones are dropped, never a
+    reason to refuse a good patch or to print a validation traceback."""
+    try:
+        return RoundMetrics.model_validate(raw)
+    except ValidationError:
+        return RoundMetrics()
 
 
 def _upload(settings: Settings, client: CloudClient, model: DeviceModel, rep: SyncReport, stage: Stage) -> None:

@@ -144,8 +144,10 @@ def test_genuine_signed_patch_applies(device) -> None:
     refusals, not a broken pipeline), and names its file itself, then removes it."""
     settings, model, root = device
     patch = real_patch(model.model, root / "p.gguf")
-    with FakeCloud() as cloud:
-        cloud.script.update({"patch": patch})
+    with FakeCloud() as cloud:  # with garbage metrics, which only the report would have shown
+        cloud.script.update({"patch": patch, "status": round_status(
+            metrics={"dwc": "not a dict", "samples": -1e300, "accuracy": [1, 2]})})
+        cloud.script["status"]["base_model"] = model.id
         rep = sync(settings, cloud.url)
     assert rep.version_after == "v1" and rep.round_id == RID and rep.downlink_bytes == len(patch)
     assert (settings.device_dir / PINNED_KEY_FILE).stat().st_mode & 0o777 == 0o600
