@@ -22,6 +22,7 @@ from . import cloud_cmds  # noqa: E402,F401
 from . import sync_cmd  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
 from . import bench_cmd  # noqa: E402,F401
+from . import models_cmds  # noqa: E402,F401  (models add/use/list)
 
 
 @models_app.command("build")

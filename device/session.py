@@ -113,6 +113,9 @@ class ChatSession:
                 # INSERT OR IGNORE: False when this image + question is already in the queue
                 queued = self.queue.add(decision.sample, decision.shipped_bytes)
                 duplicate = not queued
+        observe = getattr(self.model, "observe", None)  # this model's OOD stats, learned from its first chats
+        if observe is not None:
+            observe(gen.visual_embeddings)
         truncated = getattr(gen, "truncated", None)
         if truncated is None:  # runtimes without the flag: a full-length answer counts as cut off
             truncated = len(gen.token_ids) >= self.max_tokens
