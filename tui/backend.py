@@ -114,13 +114,15 @@ class DeviceBackend:
 
     # --- the store's CURRENT, shared with every other face ----------------------------------
     def _store(self) -> Any:
-        from device.models import store_for
-
-        return store_for(self.settings, self.quant or self.settings.device_quant)
+        """The store the chat model came from (the active user model or the embedded one)."""
+        session = self._session
+        if session is not None and session.model.store is not None:
+            return session.model.store
+        return self._model().store
 
     def disk_version(self) -> str | None:
         store = self._store()
-        return store.current().id if store.installed() else None
+        return store.current().id if store is not None and store.installed() else None
 
     def _follow_locked(self) -> str | None:
         if self._session is None or self._session.model.store is None:
@@ -205,7 +207,7 @@ class DeviceBackend:
         from device.history import patch_file_sizes
 
         store = self._store()
-        return patch_file_sizes(self.settings, store.list()) if store.installed() else {}
+        return patch_file_sizes(self.settings, store.list()) if store is not None and store.installed() else {}
 
     def switch(self, target: str, expected_current: str) -> Any:
         """Make ``target`` current, but only if ``expected_current`` (what the dialog named) still
