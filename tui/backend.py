@@ -53,7 +53,9 @@ class DeviceBackend:
     """The real device: versioned model + llama.cpp chat session + SQLite queue + cloud client."""
 
     def __init__(self, settings: Settings, quant: str | None = None, sync_options: Any = None,
-                 health_timeout: float = 3.0, retries: int = 2) -> None:
+                 health_timeout: float = 3.0, retries: int | None = None) -> None:
+        """``retries=None``: the client's time budget (rides out a cloud restart mid-sync); the
+        health probe never retries, so a down cloud shows at once."""
         self.settings = settings
         self.quant = quant
         self.sync_options = sync_options
