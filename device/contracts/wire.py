@@ -100,15 +100,15 @@ class SampleInfo(_Strict):
     sample_id: str = Field(pattern=SAMPLE_ID_PATTERN)
     bytes: int = Field(ge=0)
     created_at: datetime
-    round_id: str | None = Field(None, description="the finished round that learned from it")
-    skipped: str | None = Field(None, description="why a round could not use it (never retried)")
+    round_id: str | None = Field(None, pattern=ROUND_ID_PATTERN, description="the finished round that learned from it")
+    skipped: str | None = Field(None, max_length=MAX_TEXT, description="why a round could not use it (never retried)")
 
 
 class SampleList(_Strict):
     """A page of a device's samples, oldest first; pass ``next_after`` as ``after`` for more."""
 
     samples: list[SampleInfo]
-    next_after: str | None = None
+    next_after: str | None = Field(None, pattern=SAMPLE_ID_PATTERN)
 
 
 class SampleDeleted(_Strict):
