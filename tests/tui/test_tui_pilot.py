@@ -220,6 +220,17 @@ async def test_upload_now_and_the_help_screen(images):
     assert not app.is_running
 
 
+def screen_rows(app) -> list[str]:
+    import io
+
+    from rich.console import Console
+
+    w, h = app.size
+    c = Console(width=w, height=h, file=io.StringIO(), force_terminal=True, record=True, color_system=None)
+    c.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
+    return c.export_text().splitlines()
+
+
 # --- bugs a user hit (issue 14), each reproduced ----------------------------------------------
 async def test_typing_text_after_a_tab_changes_nothing(images):
     """Bug 1: a question typed after a Tab once uploaded, opened rollback and confirmed it with
@@ -353,3 +364,24 @@ async def test_a_round_with_nothing_new_says_so_at_once(loopback):
             assert app.state.round.stage("measure").status == "pending"
     finally:
         backend.close()
+
+
+async def test_at_80x24_the_uts_reason_and_both_legends_are_whole(images):
+    """What the snapshots show, as text: the UTS reason is not cut, nor is either legend."""
+    from tui_fakes import FakeBackend
+
+    backend = FakeBackend()
+    app = CdccaApp(backend, health_interval=None)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ask(pilot, "how many circles are there?", images[0][0])  # the fake keeps this one
+        chat_pane = " ".join(" ".join(row[:48].replace("│", " ").replace("▌", " ").split())
+                             for row in screen_rows(app))  # the chat pane's columns, row by row
+        assert "kept for uplink (1.5 kB): entropy above the adaptive threshold" in chat_pane
+        assert "entropy ■0 ■.5 ■1 ■1.5+" in chat_pane
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.state.round.outcome == "done", 10, "the round")
+        await pilot.press("escape", "3")
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        for d in ("source", "texture", "noise", "combo", "rotate"):
+            assert f"━━ {d}" in text, d
