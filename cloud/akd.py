@@ -154,9 +154,10 @@ def distil_twin(twin: Twin, teacher: Teacher, dset: DistillSet, replay: ReplaySe
     rng = np.random.default_rng(cfg.seed if acc.process_index == 0 else [cfg.seed, acc.process_index])
     pad = twin.meta.get("pad_id", 0)
     s_ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]
-    same = teacher.same_tokenizer(twin.vocab, list(dset.labels) + list(dset.questions))
+    same = teacher.same_tokenizer(twin)
     kd_on = cfg.kd and same
-    t_ex = [teacher.example(q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)] \
+    t_ex = [teacher.example(q, im, a, twin.vocab if same else None)
+            for im, q, a in zip(dset.images, dset.questions, dset.labels)] \
         if (kd_on or cfg.feat) else []
     if kd_on:  # logit KD pairs answer tokens one to one
         n_ans = lambda e: sum(1 for x in e.labels if x != -100)

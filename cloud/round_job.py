@@ -129,7 +129,9 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
     round_ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]
     dcfg = DWCConfig(budget_bytes=opts.downlink_budget_bytes)
     fisher = fisher_diag(merged, twin, round_ex, dcfg.fisher_batches) if dcfg.fisher else None
-    res = compress(merged, twin, files, ctx.patch_path, dcfg, ctx.round_id, ctx.base_model, fisher)
+    # parent_version would name a device version id, which the cloud does not know; the patch's
+    # base tensor hashes bind it to the exact bytes it was built for
+    res = compress(merged, twin, files, ctx.patch_path, dcfg, ctx.round_id, "", fisher)
     ctx.progress("evaluate", 0.88, "device-measured evaluation before / after, twin fidelity")
     patched, pfiles, scratch = patched_twin(files, res.patch_path)
     try:

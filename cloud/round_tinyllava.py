@@ -96,7 +96,7 @@ def run_round(ctx, registry: ModelRegistry, assets: CloudAssets, akd: AKDConfig 
     round_data = Split(dset.images, dset.questions, dset.labels, ["uplink"] * len(dset), ["qa"] * len(dset))
     fisher = fisher_diag(merged, codec, round_data, DWCConfig().fisher_batches)
     res = compress(merged, twin, files, ctx.patch_path, DWCConfig(budget_bytes=opts.downlink_budget_bytes),
-                   ctx.round_id, ctx.base_model, fisher)
+                   ctx.round_id, "", fisher)  # parent_version = a device version id (unknown here)
     ctx.progress("evaluate", 0.88, "evaluating before / after / teacher")
     patched, pfiles, scratch = patched_twin(files, res.patch_path)
     try:

@@ -44,16 +44,18 @@ class Teacher:
         cfg = self.model.config
         return int(getattr(cfg, "text_config", cfg).hidden_size)
 
-    def example(self, question: str, image: np.ndarray | None, answer: str | None = None) -> Example:
+    def example(self, question: str, image: np.ndarray | None, answer: str | None = None, vocab=None) -> Example:
+        """The teacher's input; ``vocab``: tokenize with this (the device's) instead of its own."""
+        v = vocab or self.vocab
         r = self.chat.render(question.strip(), image is not None and self.vision)
         if image is not None and self.vision:
-            lay = layout(self.vocab, self.geometry, r.text, image, self.image_token_id, r.add_special)
+            lay = layout(v, self.geometry, r.text, image, self.image_token_id, r.add_special)
             ex = Example(lay.input_ids, lay.pixel_values)
         else:
-            ex = Example(([self.vocab.bos_id] if r.add_special and self.vocab.add_bos else []) + self.vocab.tokenize(r.text))
+            ex = Example(([v.bos_id] if r.add_special and v.add_bos else []) + v.tokenize(r.text))
         ex.answer_start = len(ex.input_ids)
         if answer is not None:
-            ans = self.vocab.tokenize(" " + answer.strip()) + self.eos_ids[:1]
+            ans = v.tokenize(" " + answer.strip()) + self.eos_ids[:1]
             ex.labels = [-100] * len(ex.input_ids) + ans
             ex.input_ids = ex.input_ids + ans
         return ex
@@ -71,15 +73,15 @@ class Teacher:
             out.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return out
 
-    def same_tokenizer(self, student_vocab, probes: Sequence[str]) -> bool:
-        """True when the teacher tokenizes every probe text exactly as the device does (then the
-        vocabularies line up and full-vocabulary logit KD is meaningful)."""
-        probes = [p.strip() for p in probes if p.strip()]
-        try:
-            same = all(self.vocab.tokenize(" " + p) == student_vocab.tokenize(" " + p) for p in probes)
-            return same and (not self.vision or self.vocab.lookup(IMAGE) == student_vocab.lookup(IMAGE))
-        except ValueError:
+    def same_tokenizer(self, twin) -> bool:
+        """True when the teacher's vocabulary is the device's, token for token (and image token):
+        then their logits line up and full-vocabulary logit KD is meaningful.  The teacher is then
+        fed the device's own token ids (``example(..., vocab=twin.vocab)``): llama.cpp's tokenizer
+        can split text differently from HF's over the same vocabulary (measured on SPM-scored BPE
+        vocabularies), and logit KD needs both models on identical sequences."""
+        if self.tokenizer.get_vocab() != twin.tokenizer.get_vocab():
             return False
+        return not self.vision or self.image_token_id == twin.meta.get("image_token_id")
 
 
 def check_compatible(teacher: Teacher, needs_vision: bool) -> None:
