@@ -20,19 +20,17 @@ The store knows the sha256 each version's files must have. ``check`` proves the 
 bytes before they are loaded: a (inode, size, mtime, ctime) fingerprint taken right after the
 store's own write avoids re-hashing on every start; any other change to the file (it was replaced,
 copied over, edited) changes the fingerprint (ctime cannot be set from user space), and the file is
-re-hashed and refused if it differs. llama.cpp memory-maps the live file: close or reload the
-runtime around an apply (``before_write`` is called right before the first in-place byte).
+re-hashed and refused if it differs. llama.cpp memory-maps the live file, so a running runtime
+sees the new text-model bytes at once (``Runtime.refresh``; an mmproj change needs a reload); do not
+decode during an apply (``before_write`` is called right before the first in-place byte).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,82 +38,12 @@ from device import journal as jr
 from device.contracts.gguf_index import GGUFIndexError, read_index
 from device.contracts.patch_format import PatchError, read_patch
 from device.patch import clone_file, fcntl, fsync_dir, plan_patch, sha256_file, verify_written, write_durable
+from device.version_records import (  # noqa: F401  (re-exported: callers import them from here)
+    CRASH_ENV, FILE_NAMES, PENDING, ApplyResult, FileRecord, RecoverReport, Version, VersionError, VersionPaths,
+    _fingerprint, _file_record, _Laps, _now, crash_point, tree_steps,
+)
 
-CRASH_ENV = "CDCCA_CRASH_AT"
-FILE_NAMES = {"model": "model.gguf", "mmproj": "mmproj.gguf"}
 DEFAULT_KEEP = 20  # versions kept by prune(): records are ~2x a patch, so history is cheap
-PENDING = ""  # a FileRecord.sha256 not computed yet (see ``identify``)
-
-
-class VersionError(RuntimeError):
-    """The store cannot do what was asked (no version, no path to it, a file's bytes changed)."""
-
-
-def crash_point(step: str) -> None:
-    """Test hook: SIGKILL ourselves at a named step (``CDCCA_CRASH_AT=<step>``), to prove that a
-    crash at that instant leaves a recoverable store. Costs one dict lookup when unset."""
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    name: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class Version:
-    """One model state; ``files`` pins every file by sha256 so a switch can prove it."""
-
-    id: str
-    parent: str | None
-    round_id: str
-    created: str
-    files: dict[str, FileRecord]
-    patch_bytes: int = 0  # size of the patch file that made this version (0 for a base)
-    note: str = ""
-
-    @property
-    def number(self) -> int:
-        return int(self.id[1:])
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> Version:
-        return cls(**{**d, "files": {r: FileRecord(**f) for r, f in d["files"].items()}})
-
-
-@dataclass(frozen=True)
-class VersionPaths:
-    """What the runtime loads; it hot-reloads from these after an apply or switch."""
-
-    model: Path
-    mmproj: Path | None = None
-
-    def roles(self) -> dict[str, Path]:
-        return {"model": self.model, **({"mmproj": self.mmproj} if self.mmproj else {})}
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    version: Version
-    paths: VersionPaths
-    seconds: float
-    bytes_written: int  # bytes written into the live files (== the patch payload)
-    bytes_copied: int  # always 0 now: no copy of the model is made
-    copy_method: str  # "in-place"
-    timings: dict[str, float] = field(default_factory=dict)  # verify/journal/write/commit
-    journal_bytes: int = 0  # the delta record kept for rollback (old + new bytes + header)
-
-
-@dataclass(frozen=True)
-class RecoverReport:
-    removed: tuple[str, ...]
-    relogged: tuple[str, ...]  # versions whose torn switch was rolled back or forward
 
 
 class VersionStore:
@@ -365,22 +293,9 @@ class VersionStore:
                 os.chmod(files[r], 0o444)
 
     def _path(self, src: str, dst: str) -> list[tuple[str, str]]:
-        """Steps from src to dst in the version tree: undo up to the common ancestor, redo down."""
-        log = self._load_log()["versions"]
-
-        def chain(v: str) -> list[str]:
-            out = []
-            while v is not None:
-                out.append(v)
-                v = log[v].parent if v in log else None
-            return out
-
-        up, down = chain(src), chain(dst)
-        common = next((v for v in up if v in set(down)), None)
-        if common is None:
+        steps = tree_steps(self._load_log()["versions"], src, dst)
+        if steps is None:
             raise VersionError(f"{self.dir}: no kept delta chain from {src} to {dst} (pruned?)")
-        steps = [(v, "undo") for v in up[:up.index(common)]]
-        steps += [(v, "redo") for v in reversed(down[:down.index(common)])]
         missing = [v for v, _ in steps if not (self.undo / f"{v}.delta").is_file()]
         if missing:
             raise VersionError(f"{self.dir}: delta record of {missing[0]} is missing; cannot reach {dst}")
@@ -506,32 +421,3 @@ class VersionStore:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-# ---------------------------------------------------------------- file helpers
-
-def _fingerprint(path: Path, sha256: str) -> list:
-    st = path.stat()
-    return [sha256, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def _file_record(path: Path) -> FileRecord:
-    return FileRecord(path.name, sha256_file(path), path.stat().st_size)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class _Laps:
-    """Named phase timings, so apply can report where its time goes."""
-
-    def __init__(self) -> None:
-        self.t0 = self.last = time.perf_counter()
-        self.times: dict[str, float] = {}
-
-    def __call__(self, name: str) -> None:
-        now = time.perf_counter()
-        self.times[name], self.last = now - self.last, now
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.t0
