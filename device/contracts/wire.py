@@ -7,7 +7,7 @@ so a field can only change in one place.  Binary payloads travel base64-encoded 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
@@ -82,11 +82,14 @@ class UploadRequest(_Strict):
     samples: list[UplinkSample] = Field(min_length=1, max_length=MAX_UPLOAD_SAMPLES)
 
 
+SampleId = Annotated[str, Field(pattern=SAMPLE_ID_PATTERN)]
+
+
 class UploadResponse(_Strict):
     """Both lists count as acknowledged: the device may forget every id in either one."""
 
-    accepted: list[str] = Field(default_factory=list, description="ids stored by this request")
-    duplicates: list[str] = Field(default_factory=list, description="ids the cloud already had")
+    accepted: list[SampleId] = Field(default_factory=list, description="ids stored by this request")
+    duplicates: list[SampleId] = Field(default_factory=list, description="ids the cloud already had")
 
 
 class SampleCounts(_Strict):
