@@ -29,7 +29,8 @@ from device.resume import clear_inflight, follow, load_inflight, release, sync_l
 from device.runtime import Runtime, RuntimeConfig
 from device.smoke import smoke_test
 from device.trust import private_dir, trusted_key
-from device.uplink import MAX_PATCH_BYTES, CloudClient, CloudError, sync_queue
+from device.queue_sync import sync_queue
+from device.uplink import MAX_PATCH_BYTES, CloudClient, CloudError
 from device.versions import VersionError
 
 Stage = Callable[[str, float, str], None]

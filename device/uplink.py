@@ -21,13 +21,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 from tqdm import tqdm
 
-from pydantic import BaseModel, ValidationError
-
+from device.cloud_errors import (  # noqa: F401  (the errors are part of this module's API)
+    CloudError, CloudUnavailable, RoundTimeout, _checked, _detail, _error_for, _retryable_exc,
+    _retryable_status, _validate,
+)
 from device.contracts.model_id import ROLES
 from device.contracts.signing import SIGNATURE_HEADER
 from device.contracts.wire import (
@@ -39,10 +41,6 @@ from device.contracts.wire import (
 )
 from device.patch import fsync_dir as _fsync_dir
 
-# 501/505 are 5xx but permanent ("not implemented"): retrying cannot help.
-_PERMANENT_5XX = frozenset({501, 505})
-# A non-idempotent request is retried only when it certainly never reached the application.
-_NOT_PROCESSED = frozenset({429, 503})
 _JSON_OVERHEAD = 64  # bytes of '{"samples":[...]}' framing, generously
 _FILE_CHUNK = 1 << 20  # bytes read per chunk of a streamed model-file upload
 # The cloud hashes both model files (gigabytes) before it answers the upload that completes them.
@@ -52,22 +50,6 @@ MAX_PATCH_BYTES = 64 << 20  # a patch larger than this is refused whatever the c
 _ROUND_ID, _MODEL_ID, _SHA256 = (re.compile(p) for p in (ROUND_ID_PATTERN, MODEL_ID_PATTERN,
                                                          SHA256_PATTERN))
 _SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
-
-
-class CloudError(RuntimeError):
-    """The cloud refused or failed a request; ``str()`` is a one-line, user-facing reason."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class CloudUnavailable(CloudError):
-    """The cloud could not be reached (or kept failing) after all retries."""
-
-
-class RoundTimeout(CloudError):
-    """``wait_round`` gave up before the round finished (the round itself keeps going)."""
 
 
 @dataclass
@@ -91,63 +73,6 @@ class DownloadedPatch:
     sha256: str
     bytes: int
     signature: str | None = None  # the cloud's X-Patch-Signature (see device.contracts.signing)
-
-
-_REASONS = {
-    401: "cloud needs a device token",
-    403: "cloud rejected the token",
-    404: "cloud has no such resource",
-    409: "cloud refused in the current state",
-    413: "cloud refused an upload as too large",
-    422: "cloud rejected the request as invalid",
-}
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        detail = response.json().get("detail", "")
-    except (ValueError, AttributeError):
-        detail = response.text
-    if not isinstance(detail, str):
-        detail = str(detail)
-    return " ".join(detail.split())[:300] or response.reason_phrase
-
-
-def _error_for(response: httpx.Response) -> CloudError:
-    status = response.status_code
-    reason = _REASONS.get(status, "cloud error")
-    return CloudError(f"{reason} ({status}): {_detail(response)}", status)
-
-
-def _retryable_status(status: int, idempotent: bool) -> bool:
-    if not idempotent:
-        return status in _NOT_PROCESSED
-    return status == 429 or (status >= 500 and status not in _PERMANENT_5XX)
-
-
-def _checked(pattern: re.Pattern[str], value: str, what: str) -> str:
-    """An id goes into a URL only if it matches its wire pattern (no '/', '..', '?')."""
-    if not isinstance(value, str) or not pattern.match(value):
-        raise CloudError(f"invalid {what} {str(value)[:80]!r}: refusing to use it")
-    return value
-
-
-def _validate(cls: type[BaseModel], data: Any, what: str) -> Any:
-    """Parse an answer with its wire schema; a cloud that answers garbage gets one line."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise CloudError(f"cloud sent an invalid answer to {what}: {loc}: "
-                         f"{first.get('msg', 'invalid')}") from None
-
-
-def _retryable_exc(exc: httpx.HTTPError, idempotent: bool) -> bool:
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return True  # the request never left: safe for every method
-    return idempotent and isinstance(exc, (httpx.TimeoutException, httpx.NetworkError,
-                                           httpx.RemoteProtocolError))
 
 
 class CloudClient:
@@ -493,59 +418,10 @@ class _FileBody:
                 yield chunk
 
 
+def __getattr__(name: str) -> Any:
+    """``sync_queue`` and its protocols moved to ``device.queue_sync``; old imports still work."""
+    if name in ("sync_queue", "QueueRow", "UplinkQueue"):
+        import device.queue_sync as qs
 
-
-# --- queue sync -------------------------------------------------------------------------------
-class QueueRow(Protocol):
-    """A queued row carrying the sample's wire JSON (``pending`` may also hand back parsed
-    :class:`UplinkSample` objects directly; both are accepted)."""
-
-    sample_id: str
-    payload: bytes
-
-
-class UplinkQueue(Protocol):
-    """The slice of ``device.queue`` that syncing needs (pending -> sent -> acknowledged)."""
-
-    def reset_sent_to_pending(self) -> Any: ...
-    def pending(self, limit: int) -> Sequence[QueueRow | UplinkSample]: ...
-    def mark_sent(self, ids: Sequence[str]) -> Any: ...
-    def mark_acknowledged(self, ids: Sequence[str]) -> Any: ...
-
-
-def sync_queue(queue: UplinkQueue, client: CloudClient, batch_size: int = 32,
-               progress: bool = False) -> UploadResult:
-    """Send every pending sample; acknowledge exactly what the cloud confirmed.
-
-    Rows marked 'sent' by a crashed earlier run are reset to pending first and simply re-sent:
-    uploads are idempotent on ``sample_id``, so the cloud answers them as duplicates.  If the
-    cloud fails mid-way the error propagates, confirmed batches stay acknowledged and the rest
-    wait for the next sync.
-    """
-    queue.reset_sent_to_pending()
-    total = UploadResult()
-    seen: set[str] = set()
-    while rows := list(queue.pending(batch_size)):
-        ids = [row.sample_id for row in rows]
-        if seen.issuperset(ids):
-            break  # the queue keeps handing back rows it was told about: do not spin
-        seen.update(ids)
-        samples = [_parse_row(row) for row in rows]
-        queue.mark_sent(ids)
-        wanted = set(ids)
-        result = client.upload(samples, batch_size=batch_size, progress=progress,
-                               on_ack=lambda acked: queue.mark_acknowledged(
-                                   [i for i in acked if i in wanted]))
-        total.accepted += result.accepted
-        total.duplicates += result.duplicates
-    return total
-
-
-def _parse_row(row: QueueRow | UplinkSample) -> UplinkSample:
-    if isinstance(row, UplinkSample):
-        return row
-    try:
-        return UplinkSample.model_validate_json(row.payload)
-    except ValueError as exc:
-        raise CloudError(f"queued sample {row.sample_id} is not a valid UplinkSample: "
-                         f"{str(exc).splitlines()[0]}") from exc
+        return getattr(qs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,8 @@ from cloud.rounds import RoundContext
 from cloud.server import create_app
 from device.contracts.config import load_settings
 from device.contracts.wire import RoundOptions, RoundRequest, TokenStats, UplinkSample
-from device.uplink import CloudClient, CloudError, CloudUnavailable, RoundTimeout, sync_queue
+from device.queue_sync import sync_queue
+from device.uplink import CloudClient, CloudError, CloudUnavailable, RoundTimeout
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH = bytes(range(256)) * 40
