@@ -107,9 +107,18 @@ def devices():
         console.print(t)
 
 
-def worker_command(model_dir: Optional[Path]) -> list[str]:
+TEACHER_HELP = "Hugging Face checkpoint dir (save_pretrained) of the teacher: rounds then run on the model-family seam"
+REPLAY_HELP = "LLaVA-JSON replay set (ground truth the round rehearses against forgetting)"
+EVAL_HELP = "LLaVA-JSON evaluation set (device-measured before/after each round)"
+
+
+def worker_command(model_dir: Optional[Path], teacher: Optional[Path] = None, replay: Optional[Path] = None,
+                   eval_set: Optional[Path] = None) -> list[str]:
     cmd = [sys.executable, "-m", "cdcca_cli", "cloud", "worker", "--exit-with-parent"]
-    return cmd + (["--model-dir", str(model_dir)] if model_dir else [])
+    for flag, val in (("--model-dir", model_dir), ("--teacher", teacher), ("--replay", replay), ("--eval", eval_set)):
+        if val:
+            cmd += [flag, str(val)]
+    return cmd
 
 
 @cloud_app.command("serve")
@@ -121,6 +130,9 @@ def serve(
     workers: int = typer.Option(1, "--workers", min=0,
                                 help="local `cdcca cloud worker` processes to start (0: run them "
                                      "elsewhere, against the same db_url and blob storage)"),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help=TEACHER_HELP),
+    replay: Optional[Path] = typer.Option(None, "--replay", help=REPLAY_HELP),
+    eval_set: Optional[Path] = typer.Option(None, "--eval", help=EVAL_HELP),
 ):
     """Run the cloud API (it never trains); rounds are run by worker processes."""
     with one_line_errors():
@@ -128,7 +140,10 @@ def serve(
         from device.contracts.config import load_settings
 
         settings = load_settings()
-        procs = [subprocess.Popen(worker_command(model_dir)) for _ in range(workers)]
+        for what, p in (("--teacher", teacher), ("--replay", replay), ("--eval", eval_set)):
+            if p is not None and not p.exists():
+                raise ValueError(f"{what} {p}: no such file or directory")
+        procs = [subprocess.Popen(worker_command(model_dir, teacher, replay, eval_set)) for _ in range(workers)]
         try:
             serve_api(settings, host, port, accept_rounds=True)
         finally:
@@ -147,6 +162,9 @@ def worker(
                                              help="teacher build folder (default: the embedded one)"),
     exit_with_parent: bool = typer.Option(False, "--exit-with-parent", hidden=True,
                                           help="stop when the process that started us is gone"),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help=TEACHER_HELP),
+    replay: Optional[Path] = typer.Option(None, "--replay", help=REPLAY_HELP),
+    eval_set: Optional[Path] = typer.Option(None, "--eval", help=EVAL_HELP),
 ):
     """Claim queued rounds from the store and run them (AKD + DWC), until stopped."""
     with one_line_errors():
@@ -160,7 +178,7 @@ def worker(
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(message)s")
         settings = load_settings()
         # The runner's registry is <home>/cloud/models, where the API puts device uploads.
-        runner = make_runner(settings, model_dir)
+        runner = make_runner(settings, model_dir, teacher=teacher, replay=replay, eval_set=eval_set)
         stop = threading.Event()
         if exit_with_parent:
             parent = os.getppid()

@@ -168,6 +168,11 @@ def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: P
     replay / eval files.  Without: the embedded default's legacy assets (until the default switch)."""
     registry = ModelRegistry(settings.cloud_dir / "models")
     if teacher is not None:
+        if not (Path(teacher) / "config.json").is_file():
+            raise FamilyError(f"--teacher {teacher}: not a Hugging Face checkpoint dir (no config.json)")
+        for what, p in (("--replay", replay), ("--eval", eval_set)):
+            if p is not None:
+                read_llava(p)  # a malformed file fails here, in one line, not in the first round
         assets = HFAssets(Path(teacher), Path(replay) if replay else None, Path(eval_set) if eval_set else None)
     else:
         from device.contracts.config import DEFAULT_MODEL_DIR
