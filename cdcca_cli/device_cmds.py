@@ -187,7 +187,7 @@ def versions(
             mark = "*" if v.id == cur else " "
             size = "base" if not v.parent else f"{sizes.get(v.id, v.patch_bytes):>8,} B"
             console.print(f"{mark} {v.id:5} parent={v.parent or '-':5} round={v.round_id or '-':12} "
-                          f"patch={size:>10}  {v.created}  {v.note}", highlight=False)
+                          f"patch={size:>10}  {v.created}  {v.note}", highlight=False, soft_wrap=True)
 
 
 @app.command()
