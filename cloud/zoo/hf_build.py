@@ -16,7 +16,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .scenes import DOMAINS, TARGET_DOMAINS
@@ -36,6 +36,18 @@ class RoleConfig:
     batch_size: int = 128
     curriculum_steps: int = 0  # first train on source only (teacher)
     warmup: int = 60
+    # a second, low-lr pass on the full mixture, warm-started from the role trained without it
+    # (so a longer teacher reuses the cached shorter run and stays reproducible from scratch)
+    polish_steps: int = 0
+    polish_lr: float = 5e-4
+
+    def key(self) -> dict:
+        """The fields that name a cache entry; the polish fields only when a polish pass is asked
+        for, so entries cached before the pass existed keep their names."""
+        d = asdict(self)
+        if not self.polish_steps:
+            d.pop("polish_steps"), d.pop("polish_lr")
+        return d
 
 
 @dataclass
@@ -45,7 +57,7 @@ class HFBuildConfig:
     teacher: RoleConfig
     n_train: int = 20000
     eval_n: int = 360  # per domain; 5 of 6 tasks are VQA -> 300 VQA samples per domain
-    replay_n: int = 600  # source samples shipped as the cloud's replay set
+    replay_n: int = 300  # source samples shipped as the cloud's replay set
     vocab_size: int = 512
     seed: int = 0
     teacher_mix: dict = field(default_factory=lambda: {"source": 0.2, "texture": 0.2, "noise": 0.2,
@@ -148,7 +160,7 @@ def eval_split(cfg: HFBuildConfig, n: int | None = None, seed_offset: int = 1000
 # ---------------------------------------------------------------- training
 def role_dir(cfg: HFBuildConfig, role: str, cache: Path) -> Path:
     tok = tokenizer_dir(cfg, cache)
-    key = _sha(role, json.dumps(asdict(getattr(cfg, role)), sort_keys=True), str(cfg.n_train), str(cfg.seed),
+    key = _sha(role, json.dumps(getattr(cfg, role).key(), sort_keys=True), str(cfg.n_train), str(cfg.seed),
                json.dumps(cfg.teacher_mix, sort_keys=True), (tok / "tokenizer.model").read_bytes(), code_version())
     return cache / f"{role}-{key}"
 
@@ -162,7 +174,7 @@ def train_role(role: str, cfg: HFBuildConfig, cache: Path, report=None, log: Pat
 
     from . import hf_train
     from .hf_data import Layout
-    from .hf_model import ModelSpec, new_model, save_checkpoint
+    from .hf_model import ModelSpec, load_model, new_model, save_checkpoint
     from .spm_tokenizer import load_tokenizer
 
     final = role_dir(cfg, role, cache)
@@ -172,8 +184,15 @@ def train_role(role: str, cfg: HFBuildConfig, cache: Path, report=None, log: Pat
     tok_dir = tokenizer_dir(cfg, cache)
     tok, rc = load_tokenizer(tok_dir), getattr(cfg, role)
     spec = ModelSpec.from_dict(rc.spec)
-    model, lay = new_model(spec, tok, cfg.seed), Layout(tok, spec.tokens_per_image())
-    tc = hf_train.TrainConfig(steps=rc.steps, batch_size=rc.batch_size, lr=rc.lr, seed=cfg.seed, warmup=rc.warmup)
+    lay = Layout(tok, spec.tokens_per_image())
+    if rc.polish_steps:
+        base = train_role(role, replace(cfg, **{role: replace(rc, polish_steps=0)}), cache, report, log, probe, probe_every)
+        model, plan = load_model(base), [stages(cfg, role)[-1][0], rc.polish_steps]
+        tc = hf_train.TrainConfig(steps=rc.polish_steps, batch_size=rc.batch_size, lr=rc.polish_lr,
+                                  seed=cfg.seed + 1, warmup=20)
+    else:
+        model, plan = new_model(spec, tok, cfg.seed), None
+        tc = hf_train.TrainConfig(steps=rc.steps, batch_size=rc.batch_size, lr=rc.lr, seed=cfg.seed, warmup=rc.warmup)
     t0 = time.time()
 
     def on_step(step: int, loss: float) -> None:
@@ -186,7 +205,7 @@ def train_role(role: str, cfg: HFBuildConfig, cache: Path, report=None, log: Pat
             probe(model, lay, step)
             model.train()
 
-    hf_train.train(model, lay, stages(cfg, role), tc, on_step)
+    hf_train.train(model, lay, [tuple(plan)] if plan else stages(cfg, role), tc, on_step)
     return _atomic_dir(final, lambda d: save_checkpoint(model, tok_dir, spec, d))
 
 
@@ -206,7 +225,7 @@ def train_both(cfg: HFBuildConfig, cache: Path, progress: bool) -> dict[str, Pat
     for p in procs:
         p.start()
     done, losses = 0, {}
-    with tqdm(total=sum(getattr(cfg, r).steps for r in todo), desc="training " + "+".join(todo) if todo else "cached",
+    with tqdm(total=sum(getattr(cfg, r).steps + getattr(cfg, r).polish_steps for r in todo), desc="training " + "+".join(todo) if todo else "cached",
               unit="step", disable=not progress, mininterval=1.0) as bar:
         while done < len(todo):
             try:
@@ -249,8 +268,7 @@ def build(preset: str | HFBuildConfig = "default", out: Path | str = "assets/def
     for r, d in roles.items():
         shutil.copytree(d, tmp / r)
     quick = cfg.preset == "tiny"
-    sizes = export_student(tmp / "student", tmp, ("f32", DEFAULT_QUANT) if quick else QUANTS,
-                           ("f32",) if quick else ("f32", "f16"))
+    sizes = export_student(tmp / "student", tmp, ("f32", DEFAULT_QUANT) if quick else QUANTS, ("f32",))
     write_feature_stats(tmp / "student", tmp, stages(cfg, "student")[0][0])
     data_files = write_datasets(tmp, cfg)
     ev = from_samples([s for d in DOMAINS for s in scenes.generate(d, cfg.eval_n, cfg.seed + 1000)])

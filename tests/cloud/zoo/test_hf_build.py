@@ -98,3 +98,14 @@ def test_training_layout_equals_the_family_seams_libmtmd_layout(tiny):
         ours = pixel_values(img[None])[0].numpy()
         assert seam.pixel_values.shape[0] == 2  # one tile + the overview
         np.testing.assert_allclose(seam.pixel_values, np.stack([ours, ours]), atol=1e-6)
+
+
+def test_polish_pass_warm_starts_from_the_cached_shorter_run(tmp_path):
+    import dataclasses
+
+    cfg = PRESETS["tiny"]
+    longer = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, polish_steps=4))
+    d = train_role("teacher", longer, tmp_path)
+    base = role_dir(cfg, "teacher", tmp_path)
+    assert base.is_dir() and d != base  # the shorter run was trained (and cached) on the way
+    assert (d / "model.safetensors").read_bytes() != (base / "model.safetensors").read_bytes()
