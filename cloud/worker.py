@@ -145,6 +145,21 @@ class Worker:
             finished_at=utcnow())
         if not done:
             log.warning("round %s was taken from this worker before it finished", ctx.round_id)
+            return
+        self._retention()
+
+    def _retention(self) -> None:
+        """Keep the last ``keep_round_models`` rounds' models and patches per device (cloud.gc);
+        a failure here never fails the round that just finished."""
+        from .gc import collect
+
+        try:
+            report = collect(self.settings, self.store)
+        except Exception:  # noqa: BLE001
+            log.warning("retention sweep failed", exc_info=True)
+            return
+        if report.models or report.patches or report.blobs:
+            log.warning("retention: %s", report.line())
 
     def _heartbeat(self, round_id: str, stop: _Stop, started: float) -> None:
         period = min(self.settings.round_lease_s / 3, 2.0)
