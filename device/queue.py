@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from device.contracts.config import QUEUE_FILE  # noqa: F401  (the one spelling; re-exported)
 from device.contracts.wire import UplinkSample
 
-QUEUE_FILE = "queue.sqlite"
 STATUSES = ("pending", "sent", "acknowledged")
 
 _SCHEMA = (
@@ -128,7 +128,7 @@ def _tighten(path: Path) -> None:
 def default_path() -> Path:
     from device.contracts.config import load_settings
 
-    return load_settings().device_dir / QUEUE_FILE
+    return load_settings().queue_path
 
 
 SCHEMA_VERSION = 1  # PRAGMA user_version of queue.sqlite; bump with a migration step below

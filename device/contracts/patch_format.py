@@ -34,11 +34,11 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
+from device.contracts.config import FILE_ROLES as ROLES  # the one list of a model's file roles
 from device.contracts.gguf_guard import check_gguf_header
 
 FORMAT_VERSION = 1
 ARCH = "cdcca-patch"
-ROLES = ("model", "mmproj")
 K_VERSION = "cdcca.patch.format_version"
 K_ROUND = "cdcca.patch.round_id"
 K_PARENT = "cdcca.patch.parent_version"
