@@ -633,3 +633,18 @@ def _client_round_trip(dev, CloudError) -> None:
     with pytest.raises(CloudError, match="invalid sample id"):
         dev.delete_sample("../../etc")
     assert dev.sample_counts().total == 2
+
+
+def test_wall_time_cap_stops_a_round_that_runs_too_long(tmp_path: Path, runner: GatedRunner) -> None:
+    app = create_app(load_settings(home=tmp_path, max_round_seconds=0.5, round_lease_s=0.6),
+                     round_runner=runner)  # the gate never opens: the runner would run forever
+    c = TestClient(app)
+    h = {"Authorization": f"Bearer {app.state.store.add_device('lap')}"}
+    c.post("/v1/samples", json=upload_body(1), headers=h)
+    rid = start_round(c, h)["round_id"]
+    end = wait_for(status_of(c, h, rid), lambda s: s["state"] not in ("queued", "running"))
+    assert end["state"] == "failed" and "wall-time cap of 0.5 s (max_round_seconds)" in end["message"]
+    assert c.get("/v1/samples/count", headers=h).json()["unused"] == 1
+    runner.gate.set()
+    app.state.rounds.shutdown()
+    app.state.store.close()

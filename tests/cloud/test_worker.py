@@ -102,3 +102,27 @@ def test_two_workers_fair_by_age_each_round_once(tmp_path: Path, db_url: str | N
         for w in workers:
             assert w.wait(20) == 0  # a clean stop on SIGTERM
         store.close()
+
+
+def test_cancel_reaches_a_remote_worker_through_its_heartbeat(tmp_path: Path, db_url: str | None) -> None:
+    from cloud.rounds import RoundManager
+
+    settings = load_settings(home=tmp_path, db_url=db_url, round_lease_s=0.9)
+    store = Store(settings)
+    store.add_device("lap")
+    store.add_samples("lap", [make_sample(1)])
+    manager = RoundManager(store, settings, accept_rounds=True)  # the API side: no local workers
+    rid = manager.submit("lap", RoundRequest(base_model="m0")).round_id
+    w = start_worker(tmp_path, db_url, 0.9, steps=600)
+    try:
+        wait_until(lambda: store.get_round(rid).progress > 0, what="the round to run")
+        t = time.monotonic()
+        manager.cancel("lap", rid)
+        end = wait_until(lambda: (s := store.get_round(rid)).finished and s, what="the cancel")
+        assert end.state == "cancelled" and end.message == "cancelled by the device"
+        assert time.monotonic() - t < 5  # one heartbeat (0.3 s here) and a progress report
+        assert store.sample_counts("lap").unused == 1  # nothing consumed
+    finally:
+        w.terminate()
+        w.wait(20)
+        store.close()
