@@ -304,17 +304,25 @@ def real_rows(sec: Section, ctx: Context) -> None:
         sec.notes.append(f"Real-GGUF rows skipped: {r['skipped']}.")
         return
     t = Table("real_uncertainty", "Real GGUFs: decode with and without exact per-token uncertainty (1 thread)", [
-        "model", "vocabulary", "prompt format", "tokens/s without", "tokens/s with", "ratio", "added µs per token"])
+        "model", "vocabulary", "prompt format", "recorder", "CPU tokens/s without", "CPU tokens/s with", "CPU ratio",
+        "added CPU µs per token", "wall ratio"])
+    rows = [(n, h, "float32 (default)") for n, h in r["hook"].items()]
+    rows += [(n, h, "float64 (exact=True)") for n, h in r.get("hook_exact", {}).items()]
+    for name, h, rec in rows:
+        t.add(name, [num(h["n_vocab"], "{:,.0f}"), h["prompt_kind"], rec, num(h["cpu_tps_without"], "{:.1f}"),
+                     num(h["cpu_tps_with"], "{:.1f}"), num(h["cpu_ratio"], "{:.3f}"),
+                     num(h["cpu_us_per_token"], "{:.0f}"), num(h["ratio"], "{:.3f}")])
     for name, h in r["hook"].items():
-        t.add(name, [num(h["n_vocab"], "{:,.0f}"), h["prompt_kind"], num(h["tps_without"], "{:.1f}"),
-                     num(h["tps_with"], "{:.1f}"), num(h["ratio"], "{:.3f}"), num(h["us_per_token"], "{:.0f}")])
-        ok = h["ratio"] >= 0.9
-        sec.findings.append(f"{name} ({h['n_vocab']:,}-token vocabulary): uncertainty keeps {h['ratio']:.1%} of decode "
-                            f"speed ({'meets' if ok else 'MISSES'} the >= 90% goal).")
+        ok = h["cpu_ratio"] >= 0.9
+        sec.findings.append(f"{name} ({h['n_vocab']:,}-token vocabulary): uncertainty keeps {h['cpu_ratio']:.1%} of "
+                            f"decode speed in CPU time ({'meets' if ok else 'MISSES'} the >= 90% goal; wall-clock "
+                            f"ratio {h['ratio']:.1%}).")
         if not ok:
             sec.not_beaten.append(sec.findings[-1])
     t.notes = ["Alternating passes (with/without, order swapped each pass) over the same prompts, up to 32 answer "
-               "tokens each, in one process; the machine may be shared, so compare the ratio, not the absolute speed."]
+               "tokens each, in one process. 'CPU' = the decode thread's CPU time (time.thread_time; llama.cpp "
+               "computes on the calling thread at 1 thread): stable when other jobs share the machine, where the "
+               "wall-clock ratio is mostly their noise."]
     sec.tables.append(t)
     if "vs_transformers" in r:
         v = r["vs_transformers"]

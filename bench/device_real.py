@@ -64,22 +64,28 @@ def _rt(path: Path) -> Runtime:
                                  prompt=PromptConfig(system="You are a concise, helpful assistant.")))
 
 
-def hook_ratio(path: Path, passes: int = 4) -> dict:
-    """Decode tokens/s with and without UncertaintyRecorder, alternating the order every pass."""
-    acc = {False: [0, 0.0], True: [0, 0.0]}
+def hook_ratio(path: Path, passes: int = 4, exact: bool = False) -> dict:
+    """Decode tokens/s with and without UncertaintyRecorder, alternating the order every pass.
+    Both wall time and the decode thread's CPU time are summed: on a shared machine the CPU-time
+    ratio is the stable one (llama.cpp runs its graph on the calling thread at n_threads=1)."""
+    acc = {False: [0, 0.0, 0.0], True: [0, 0.0, 0.0]}
     with _rt(path) as rt:
         rt.generate(QUESTIONS[0])  # warm-up
         for r in range(passes):
             for hook in ((False, True) if r % 2 == 0 else (True, False)):
                 for q in QUESTIONS:
-                    g = rt.generate(q, logits_hook=UncertaintyRecorder() if hook else None)
+                    g = rt.generate(q, logits_hook=UncertaintyRecorder(exact=exact) if hook else None)
                     acc[hook][0] += len(g.token_ids)
                     acc[hook][1] += g.decode_s
+                    acc[hook][2] += g.decode_cpu_s
         n_vocab, kind, sample = rt.n_vocab, rt.chat.kind, rt.generate(QUESTIONS[0]).text
     tps = {h: acc[h][0] / acc[h][1] for h in acc}
+    cps = {h: acc[h][0] / acc[h][2] for h in acc}
     return {"n_vocab": n_vocab, "prompt_kind": kind, "tps_without": tps[False], "tps_with": tps[True],
-            "ratio": tps[True] / tps[False], "tokens": acc[True][0],
-            "us_per_token": 1e6 * (1 / tps[True] - 1 / tps[False]), "sample_answer": sample[:120]}
+            "ratio": tps[True] / tps[False], "cpu_tps_without": cps[False], "cpu_tps_with": cps[True],
+            "cpu_ratio": cps[True] / cps[False], "tokens": acc[True][0],
+            "us_per_token": 1e6 * (1 / tps[True] - 1 / tps[False]),
+            "cpu_us_per_token": 1e6 * (1 / cps[True] - 1 / cps[False]), "sample_answer": sample[:120]}
 
 
 def llama_vs_transformers(path: Path, n_prompts: int = 2) -> dict:
@@ -191,6 +197,8 @@ def run_real(work: Path) -> dict:
     out: dict = {"models": {k: str(v) for k, v in found.items()}, "hook": {}}
     for name, path in found.items():
         out["hook"][name] = hook_ratio(path)
+    big_vocab = max(out["hook"], key=lambda n: out["hook"][n]["n_vocab"])
+    out["hook_exact"] = {big_vocab: hook_ratio(found[big_vocab], passes=2, exact=True)}  # the float64 baseline
     if "smollm2-135m-q4_1" in found:
         out["vs_transformers"] = llama_vs_transformers(found["smollm2-135m-q4_1"])
     big = found.get("gemma3-270m-q4_k_m") or found.get("smollm2-135m-q4_1")

@@ -60,6 +60,7 @@ class Generation:
     extra: dict = field(default_factory=dict)
     truncated: bool = False  # stopped by max_tokens, not by an end-of-generation token
     prompt_kind: str = ""  # ChatPrompt.kind: template / toy / fallback:<name>
+    decode_cpu_s: float = 0.0  # CPU time of this thread in the decode loop: stable on a shared machine
 
     @property
     def tokens_per_s(self) -> float:
@@ -364,7 +365,7 @@ class Runtime:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         t0 = time.perf_counter()
         n_past, embd, ids = self.prefill(question, image)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         out, pieces, truncated = [], [], True
         for _ in range(max_tokens):
             lg = self.logits()
@@ -381,9 +382,9 @@ class Runtime:
             if on_token is not None:
                 on_token(tok, pieces[-1])
             n_past = self._decode_tokens([tok], n_past)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         return Generation("".join(pieces).strip(), out, pieces, embd, len(ids) + (0 if embd is None else len(embd)),
-                          t1 - t0, t2 - t1, truncated=truncated, prompt_kind=self.chat.kind)
+                          t1 - t0, t2 - t1, truncated=truncated, prompt_kind=self.chat.kind, decode_cpu_s=c2 - c1)
 
 
 def default_threads() -> int:
