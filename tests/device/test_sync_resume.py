@@ -45,7 +45,9 @@ class CloudProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "CDCCA_HOME": str(self.home), "PYTHONPATH": f"{REPO}:{HERE}"}
+        # a short worker lease: a round whose process was killed is re-queued seconds after restart
+        env = {**os.environ, "CDCCA_HOME": str(self.home), "PYTHONPATH": f"{REPO}:{HERE}",
+               "CDCCA_ROUND_LEASE_S": "3"}
         self.proc = subprocess.Popen([sys.executable, str(HERE / "cloud_proc.py"), str(self.home),
                                       str(self.port), str(self.round_s), *self.extra], env=env, cwd=REPO)
         deadline = time.monotonic() + 60
