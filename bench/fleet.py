@@ -288,9 +288,16 @@ def _phase(cloud: CloudProcs, store, work: Path, prefix: str, n_dev: int, n: int
     uploads = [results.get(timeout=900)[1] for _ in procs]
     t1 = max(r["t_end"] for r in uploads)
     status_lat: list[float] = []
+    idle_lat: list[float] = []
     stop = threading.Event()
     rounds_out = []
-    if round_devices:
+    if round_devices:  # baseline first: the same polling for 3 s while the workers are idle
+        idle = threading.Event()
+        poller = threading.Thread(target=_poll_status, args=(cloud.url, tokens[names[0]], idle, idle_lat))
+        poller.start()
+        time.sleep(3.0)
+        idle.set()
+        poller.join(10)
         poller = threading.Thread(target=_poll_status, args=(cloud.url, tokens[names[0]], stop, status_lat))
         poller.start()
         go_rounds.set()
@@ -301,6 +308,7 @@ def _phase(cloud: CloudProcs, store, work: Path, prefix: str, n_dev: int, n: int
         p.join(30)
     lat = np.array([x for r in uploads for x in r["latencies"]], dtype=float)
     slat = np.array(status_lat, dtype=float)
+    ilat = np.array(idle_lat, dtype=float)
     done = [r for r in rounds_out if r["state"] == "done"]
     span = (max(r["finished"] for r in done) - min(r["requested"] for r in done)) if done else float("nan")
     return {"devices": n_dev, "per_device": n, "expected": expected, **_exactly_once(store, prefix, names, n),
@@ -316,7 +324,9 @@ def _phase(cloud: CloudProcs, store, work: Path, prefix: str, n_dev: int, n: int
             "rounds_per_min": len(done) / span * 60 if done else float("nan"),
             "status_requests": int(slat.size),
             "status_p50_ms": float(np.percentile(slat, 50) * 1e3) if slat.size else float("nan"),
-            "status_p99_ms": float(np.percentile(slat, 99) * 1e3) if slat.size else float("nan")}
+            "status_p99_ms": float(np.percentile(slat, 99) * 1e3) if slat.size else float("nan"),
+            "idle_status_p50_ms": float(np.percentile(ilat, 50) * 1e3) if ilat.size else float("nan"),
+            "idle_status_p99_ms": float(np.percentile(ilat, 99) * 1e3) if ilat.size else float("nan")}
 
 
 # --- the section ------------------------------------------------------------------------------------
@@ -382,19 +392,22 @@ def _tables(sec: Section, p, steady: dict, restart: dict, peak: dict, db_note: s
     waits = [r["queue_wait_s"] for r in steady["rounds"] if r["state"] == "done"]
     t2 = Table("fleet_rounds", "Rounds: devices requesting at once, two workers, fair by age", [
         "run", "rounds requested", "done", "rounds/min", "queue wait min s", "queue wait median s", "queue wait max s",
-        "GET status p50 ms", "GET status p99 ms", "API peak RSS MiB", "worker peak RSS MiB"])
+        "GET status p50 ms", "GET status p99 ms", "idle: GET p50 ms", "idle: GET p99 ms",
+        "API peak RSS MiB", "worker peak RSS MiB"])
     t2.add("steady run", [num(len(steady["rounds"]), "{:.0f}"), num(steady["rounds_done"], "{:.0f}"),
                           num(steady["rounds_per_min"], "{:.1f}"),
                           num(min(waits) if waits else float("nan"), "{:.1f}"),
                           num(float(np.median(waits)) if waits else float("nan"), "{:.1f}"),
                           num(max(waits) if waits else float("nan"), "{:.1f}"),
                           num(steady["status_p50_ms"], "{:.1f}"), num(steady["status_p99_ms"], "{:.1f}"),
+                          num(steady["idle_status_p50_ms"], "{:.1f}"), num(steady["idle_status_p99_ms"], "{:.1f}"),
                           num(peak["api"], "{:.0f}"), num(peak["worker"], "{:.0f}")])
     t2.notes = [
         f"{len(steady['rounds'])} devices call POST /v1/rounds at the same moment after their uploads; each round is "
         f"a synthetic CPU-bound {p.fleet_round_s:g} s busy loop per worker (measures queue + scheduling, not AKD). "
         "Queue wait = started_at - created_at of each device's round. GET status = GET /v1/rounds polled every "
-        f"20 ms by the bench while the workers ran ({steady['status_requests']} requests). Peak RSS = VmHWM.",
+        f"20 ms by the bench while the workers ran ({steady['status_requests']} requests); 'idle' = the same "
+        "polling for 3 s just before, workers idle (baseline, same run). Peak RSS = VmHWM.",
     ]
     sec.tables.append(t2)
     for label, r in (("Steady run", steady), ("Restart run", restart)):

@@ -112,9 +112,13 @@ REPLAY_HELP = "LLaVA-JSON replay set (ground truth the round rehearses against f
 EVAL_HELP = "LLaVA-JSON evaluation set (device-measured before/after each round)"
 
 
+LOCAL_WORKER_NICE = 10  # serve's own workers yield the CPU to the API on a shared machine
+
+
 def worker_command(model_dir: Optional[Path], teacher: Optional[Path] = None, replay: Optional[Path] = None,
                    eval_set: Optional[Path] = None) -> list[str]:
-    cmd = [sys.executable, "-m", "cdcca_cli", "cloud", "worker", "--exit-with-parent"]
+    cmd = [sys.executable, "-m", "cdcca_cli", "cloud", "worker", "--exit-with-parent",
+           "--nice", str(LOCAL_WORKER_NICE)]
     for flag, val in (("--model-dir", model_dir), ("--teacher", teacher), ("--replay", replay), ("--eval", eval_set)):
         if val:
             cmd += [flag, str(val)]
@@ -162,6 +166,9 @@ def worker(
                                              help="teacher build folder (default: the embedded one)"),
     exit_with_parent: bool = typer.Option(False, "--exit-with-parent", hidden=True,
                                           help="stop when the process that started us is gone"),
+    nice: int = typer.Option(0, "--nice", min=0, max=19,
+                             help="lower this worker's CPU priority (serve's local workers use "
+                                  f"{LOCAL_WORKER_NICE} so the API stays responsive)"),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help=TEACHER_HELP),
     replay: Optional[Path] = typer.Option(None, "--replay", help=REPLAY_HELP),
     eval_set: Optional[Path] = typer.Option(None, "--eval", help=EVAL_HELP),
@@ -176,6 +183,8 @@ def worker(
         from device.contracts.config import load_settings
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(message)s")
+        if nice:
+            os.nice(nice)
         settings = load_settings()
         # The runner's registry is <home>/cloud/models, where the API puts device uploads.
         runner = make_runner(settings, model_dir, teacher=teacher, replay=replay, eval_set=eval_set)

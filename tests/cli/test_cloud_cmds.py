@@ -114,7 +114,7 @@ def test_serve_starts_local_workers_and_never_trains(monkeypatch: pytest.MonkeyP
     assert result.exit_code == 0, result.output
     assert captured == {"host": "0.0.0.0", "port": 9999, "accept": True}
     assert started[:2] == [cloud_cmds.worker_command(None)] * 2 and started[2:] == [["terminated"]] * 2
-    assert started[0][-3:] == ["cloud", "worker", "--exit-with-parent"]
+    assert started[0][3:] == ["cloud", "worker", "--exit-with-parent", "--nice", "10"]
 
 
 def test_revoke_rotate_and_token_file(tmp_path: Path) -> None:
