@@ -165,7 +165,7 @@ def apply_vs_replace(work: Path, model: Path, reps: int = 3) -> dict:
             rows["wchar"].append(_wchar() - w0)
             rows["apply"].append(res.seconds)
             rows["refresh"].append(rt.refresh(("model",)))
-            rows["reload"].append(rt.reload())
+            rows["reload"].append(rt.reload(force=True))
             t = time.perf_counter()
             store.identify()
             rows["identify"].append(time.perf_counter() - t)

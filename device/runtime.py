@@ -168,6 +168,7 @@ class Runtime:
             self._mtmd = ctx
             self.image_size, self.patch_size = _vision_geometry(Path(c.mmproj_path))
         self.chat = self._chat_prompt()
+        self._loaded_stamp = self._stamp()
 
     def _chat_prompt(self) -> ChatPrompt:
         """The model's own prompt format, read from its GGUF metadata (see device.chat_prompt)."""
@@ -190,10 +191,19 @@ class Runtime:
         """One line when the model has no chat template and a fallback is in use (for the faces)."""
         return self.chat.notice
 
-    def reload(self, model_path: Path | None = None, mmproj_path: Path | None = None) -> float:
-        """Re-open the (patched) files; returns seconds taken. llama.cpp memory-maps the model,
-        so a reload is what makes new bytes visible."""
+    def reload(self, model_path: Path | None = None, mmproj_path: Path | None = None, force: bool = False) -> float:
+        """Make the current bytes of the model files effective; returns seconds taken.
+
+        When the files are the ones loaded, the text model is memory-mapped (``weights_mapped``),
+        its inode and size are unchanged (patched in place, not replaced) and the mmproj is
+        untouched, the new bytes are already live: only the KV memory is cleared. Otherwise (or
+        with ``force``) the files are closed and loaded again."""
         t = time.perf_counter()
+        same = (model_path is None or Path(model_path) == Path(self.cfg.model_path)) and \
+            (mmproj_path is None or Path(mmproj_path) == Path(self.cfg.mmproj_path or ""))
+        if not force and same and self.weights_mapped and self._stamp() == self._loaded_stamp:
+            self._clear_memory()
+            return time.perf_counter() - t
         self.close()
         if model_path is not None:
             self.cfg.model_path = Path(model_path)
@@ -201,6 +211,18 @@ class Runtime:
             self.cfg.mmproj_path = Path(mmproj_path)
         self._load()
         return time.perf_counter() - t
+
+    def _stamp(self) -> tuple:
+        """What an in-place patch leaves unchanged: the text model's inode and size, and the
+        mmproj's inode, size and mtime (libmtmd copied its weights at load)."""
+        def st(p, full):
+            try:
+                x = os.stat(p)
+            except (OSError, TypeError):
+                return None
+            return (x.st_ino, x.st_size, x.st_mtime_ns) if full else (x.st_ino, x.st_size)
+
+        return st(self.cfg.model_path, False), st(self.cfg.mmproj_path, True) if self.cfg.mmproj_path else None
 
     @property
     def weights_mapped(self) -> bool:
@@ -218,7 +240,7 @@ class Runtime:
         cleared); libmtmd copies the mmproj's weights, so an mmproj patch (or repacked weights)
         needs a reload."""
         if "mmproj" in roles or not self.weights_mapped:
-            return self.reload()
+            return self.reload(force=True)
         t = time.perf_counter()
         self._clear_memory()
         return time.perf_counter() - t

@@ -98,6 +98,9 @@ def test_k_quant_patch_ships_ggml_bytes_for_changed_rows_only(q4_k_m, tmp_path):
         assert e.ggml_type == qt and payload == ggml_quant.quantize(rows, qt)  # ggml's own bytes
     dev = tmp_path / "device.gguf"
     shutil.copyfile(q4_k_m, dev)
+    from device.runtime import Runtime, RuntimeConfig
+
+    running = Runtime(RuntimeConfig(dev, n_threads=1, n_ctx=128, kv_cache="f32"))  # maps the file
     apply_to_files(build.path, {"model": dev})
     got = dev.read_bytes()
     assert len(got) == len(old_bytes)
@@ -109,8 +112,14 @@ def test_k_quant_patch_ships_ggml_bytes_for_changed_rows_only(q4_k_m, tmp_path):
         allowed[start:start + e.nbytes] = True
     assert diff.size > 0 and allowed[diff].all()  # every changed byte lies inside a patched row
 
-    from device.runtime import Runtime, RuntimeConfig
-
-    with Runtime(RuntimeConfig(dev, n_threads=1, n_ctx=128)) as rt:  # llama.cpp loads and runs it
+    with Runtime(RuntimeConfig(dev, n_threads=1, n_ctx=128, kv_cache="f32")) as rt:  # llama.cpp loads and runs it
         gen = rt.generate("hello", max_tokens=3)
         assert len(gen.token_ids) <= 3 and np.isfinite(rt.logits()).all()
+        ids = rt.prompt_ids("hello")
+        rt._clear_memory()
+        rt._decode_tokens(ids, 0)
+        fresh = rt.logits().copy()
+    with running:  # the runtime that was up during the in-place write: K-quant rows live after a hot reload
+        assert running.reload() < 0.5
+        running._decode_tokens(ids, 0)
+        assert np.array_equal(running.logits(), fresh)

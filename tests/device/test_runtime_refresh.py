@@ -44,3 +44,29 @@ def test_in_place_patch_is_live_after_refresh(tmp_path, quant):
         store.rollback()
         rt.refresh(("model",))
         assert np.array_equal(_logits(rt, ids), before)  # and back again, still without a reload
+
+
+def test_reload_is_hot_for_in_place_bytes_and_full_for_a_replaced_file(tmp_path):
+    import os
+    import shutil
+
+    base = DEFAULT_MODEL_DIR / "student-f32.gguf"
+    live = tmp_path / "model.gguf"
+    shutil.copyfile(base, live)
+    with Runtime(RuntimeConfig(live, n_threads=1, kv_cache="f32")) as rt:
+        ids = rt.tokenize("USER: what shape is red?\nASSISTANT:", add_bos=True)
+        before = _logits(rt, ids)
+        t = next(t for t in GGUFReader(live, "r").tensors if t.name == "output.weight")
+        with open(live, "r+b") as f:  # an in-place edit (same inode): live in the mapping at once
+            f.seek(t.data_offset)
+            f.write(np.full(64, 0.5, np.float32).tobytes())
+        assert rt.reload() < 0.5 and rt._llama is not None
+        hot = _logits(rt, ids)
+        with Runtime(RuntimeConfig(live, n_threads=1, kv_cache="f32")) as fresh:
+            assert np.array_equal(hot, _logits(fresh, ids)) and not np.array_equal(hot, before)
+        other = tmp_path / "other.gguf"
+        shutil.copyfile(base, other)
+        os.replace(other, live)  # replaced (new inode): the mapping is stale, so a full load
+        old_llama = rt._llama
+        rt.reload()
+        assert rt._llama is not old_llama and np.array_equal(_logits(rt, ids), before)
