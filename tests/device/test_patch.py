@@ -471,3 +471,26 @@ def test_a_file_changed_before_its_hash_was_recorded_is_refused(world):
         f.write(b"\x00")
     with pytest.raises(VersionError, match="before its hash was recorded"):
         store.identify()
+
+
+def test_a_store_in_the_old_copy_per_version_layout_is_migrated(world):
+    """Stores written before the journal (v<N>/ copies, CURRENT) keep their current version."""
+    old = world["tmp"] / "old" / "m"
+    for vid, src in (("v0", world["base"]), ("v1", world["fresh"])):
+        (old / vid).mkdir(parents=True)
+        (old / vid / "model.gguf").write_bytes(src.read_bytes())
+    recs = {vid: {"id": vid, "parent": None if vid == "v0" else "v0", "round_id": "", "created": "t",
+                  "files": {"model": {"name": "model.gguf", "sha256": sha(src), "size": src.stat().st_size}},
+                  "patch_bytes": 0, "note": ""} for vid, src in (("v0", world["base"]), ("v1", world["fresh"]))}
+    (old / "versions.json").write_text(json.dumps({"model": "m", "next": 2, "versions": list(recs.values())}))
+    (old / "CURRENT").write_text("v1\n")
+    store = VersionStore(old.parent, "m")
+    rep = store.recover()
+    assert set(rep.removed) >= {"v0", "v1"} and not (old / "v0").exists()
+    assert store.check().id == "v1" and sha(store.paths().model) == sha(world["fresh"])
+    assert [v.id for v in store.list()] == ["v1"] and store.current().parent is None
+    w = world["ws"]["blk.0.attn_q.weight"][0].copy()
+    w[:2] += 2.0
+    p = make_patch_from_arrays(store.paths().model, {"blk.0.attn_q.weight": (w, [(0, 2)])},
+                               world["tmp"] / "after-migration.gguf", round_id="m2").path
+    assert store.apply_patch(p).version.id == "v2" and store.rollback().id == "v1"
