@@ -49,9 +49,10 @@ DEFAULT_KEEP = 20  # versions kept by prune(): records are ~2x a patch, so histo
 class VersionStore:
     """Versions of one model under ``root/name`` (root is ``<device_dir>/models``)."""
 
-    def __init__(self, root: str | os.PathLike, name: str = "default") -> None:
+    def __init__(self, root: str | os.PathLike, name: str = "default", keep: int = DEFAULT_KEEP) -> None:
         self.dir = Path(root) / name
         self.name = name
+        self.keep = keep  # retention: every apply prunes the history down to this many versions
         self.live = self.dir / "live"
         self.undo = self.dir / "undo"
 
@@ -208,6 +209,8 @@ class VersionStore:
             crash_point("switched")
             (self.dir / "JOURNAL").unlink()
             fsync_dir(self.dir)
+            if len(log["versions"]) > self.keep:
+                self._prune_locked(self.keep)
             laps("commit")
         return ApplyResult(v, self.paths_for(v), laps.total, written, 0, "in-place", dict(laps.times), jbytes)
 
@@ -251,25 +254,28 @@ class VersionStore:
         records (removed by ``recover``)."""
         with self._lock():
             self._recover_locked()
-            log = self._load_log()
-            keep_ids = {self.current().id}
-            newest_first = sorted(log["versions"].values(), key=lambda v: -v.number)
-            while len(keep_ids) < max(1, keep):  # grow a connected set around current, newest first
-                nxt = next((v.id for v in newest_first if v.id not in keep_ids and (
-                    v.parent in keep_ids or any(log["versions"][k].parent == v.id for k in keep_ids))), None)
-                if nxt is None:
-                    break
-                keep_ids.add(nxt)
-            oldest = {v for v in keep_ids if log["versions"][v].parent not in keep_ids}
-            doomed = sorted((v for v in log["versions"] if v not in keep_ids), key=lambda x: int(x[1:]))
-            for v in doomed:
-                del log["versions"][v]
-            for v in oldest:  # the oldest kept version becomes a root: its link to the parent goes too
-                log["versions"][v] = replace(log["versions"][v], parent=None)
-            self._save_log(log)
-            for v in doomed + sorted(oldest):
-                (self.undo / f"{v}.delta").unlink(missing_ok=True)
-            return doomed
+            return self._prune_locked(keep)
+
+    def _prune_locked(self, keep: int) -> list[str]:
+        log = self._load_log()
+        keep_ids = {self.current().id}
+        newest_first = sorted(log["versions"].values(), key=lambda v: -v.number)
+        while len(keep_ids) < max(1, keep):  # grow a connected set around current, newest first
+            nxt = next((v.id for v in newest_first if v.id not in keep_ids and (
+                v.parent in keep_ids or any(log["versions"][k].parent == v.id for k in keep_ids))), None)
+            if nxt is None:
+                break
+            keep_ids.add(nxt)
+        oldest = {v for v in keep_ids if log["versions"][v].parent not in keep_ids}
+        doomed = sorted((v for v in log["versions"] if v not in keep_ids), key=lambda x: int(x[1:]))
+        for v in doomed:
+            del log["versions"][v]
+        for v in oldest:  # the oldest kept version becomes a root: its link to the parent goes too
+            log["versions"][v] = replace(log["versions"][v], parent=None)
+        self._save_log(log)
+        for v in doomed + sorted(oldest):
+            (self.undo / f"{v}.delta").unlink(missing_ok=True)
+        return doomed
 
     def recover(self) -> RecoverReport:
         """Finish or undo a torn switch and clean up garbage; call on start."""

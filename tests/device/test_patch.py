@@ -494,3 +494,12 @@ def test_a_store_in_the_old_copy_per_version_layout_is_migrated(world):
     p = make_patch_from_arrays(store.paths().model, {"blk.0.attn_q.weight": (w, [(0, 2)])},
                                world["tmp"] / "after-migration.gguf", round_id="m2").path
     assert store.apply_patch(p).version.id == "v2" and store.rollback().id == "v1"
+
+
+def test_retention_prunes_old_versions_on_apply(world):
+    store = VersionStore(world["store"].dir.parent, "tiny", keep=2)
+    for _ in range(3):  # apply, roll back, apply again ...: history stays at the retention size
+        store.apply_patch(world["patch"])
+        assert len(store.list()) <= 2
+        store.rollback()
+    assert len(list(store.undo.iterdir())) <= 1
