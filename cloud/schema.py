@@ -5,6 +5,8 @@ checks that upgrading an old database gives exactly these tables).
 """
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from sqlalchemy import (
     JSON, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Table,
     UniqueConstraint, text,
@@ -15,6 +17,12 @@ ACTIVE_STATES = ("queued", "running")
 _ACTIVE = text("state IN ('queued', 'running')")
 
 metadata = MetaData()
+
+
+def utcnow() -> datetime:
+    """Every timestamp the cloud writes: UTC, timezone-aware."""
+    return datetime.now(UTC)
+
 
 devices = Table(
     "devices", metadata,

@@ -19,7 +19,7 @@ import re
 import secrets
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from device.contracts.wire import (
 )
 
 from .blobs import BlobStore, private_dir, write_atomic  # noqa: F401  (write_atomic re-exported)
-from .schema import ACTIVE_STATES, devices, metadata, rounds, samples  # noqa: F401
+from .round_queue import RoundQueue
+from .schema import ACTIVE_STATES, devices, metadata, rounds, samples, utcnow  # noqa: F401
 
 DEVICE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -47,10 +48,6 @@ class ActiveRound(Exception):
     def __init__(self, round_id: str) -> None:
         super().__init__(round_id)
         self.round_id = round_id
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -108,7 +105,7 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-class Store:
+class Store(RoundQueue):
     """All persistent state of the cloud server, behind plain methods (no ORM sessions leak out)."""
 
     def __init__(self, settings: Settings) -> None:
@@ -421,75 +418,6 @@ class Store:
         with self.engine.connect() as conn:
             return list(conn.execute(select(rounds.c.id).where(
                 rounds.c.state.in_(list(states)))).scalars())
-
-    # --- the round queue (workers) --------------------------------------------------------------
-    def claim_round(self, worker: str, lease_s: float) -> str | None:
-        """Atomically take the oldest queued round (all devices, by creation time: fair by age,
-        since each device has at most one).  PostgreSQL locks the candidate row with
-        ``FOR UPDATE SKIP LOCKED`` so concurrent workers pick different rows; SQLite has one
-        writer at a time and the compare-and-set update settles any race."""
-        skip_locked = self.engine.dialect.name == "postgresql"
-        for _ in range(20):
-            now = utcnow()
-            with self.engine.begin() as conn:
-                query = (select(rounds.c.id).where(rounds.c.state == "queued")
-                         .order_by(rounds.c.created_at, rounds.c.id).limit(1))
-                if skip_locked:
-                    query = query.with_for_update(skip_locked=True)
-                rid = conn.execute(query).scalar()
-                if rid is None:
-                    return None
-                won = conn.execute(update(rounds).where(
-                    rounds.c.id == rid, rounds.c.state == "queued").values(
-                    state="running", worker=worker, lease_until=now + timedelta(seconds=lease_s),
-                    attempts=rounds.c.attempts + 1, started_at=now, stage="loading samples",
-                    progress=0.0)).rowcount
-            if won == 1:
-                return rid
-        return None
-
-    def heartbeat(self, round_id: str, worker: str, lease_s: float) -> bool | None:
-        """Extend the lease.  Returns whether the device asked to cancel, or None if the round
-        is no longer this worker's (its lease expired and it was re-queued or failed)."""
-        until = utcnow() + timedelta(seconds=lease_s)
-        with self.engine.begin() as conn:
-            if conn.execute(update(rounds).where(
-                    rounds.c.id == round_id, rounds.c.worker == worker,
-                    rounds.c.state == "running").values(lease_until=until)).rowcount != 1:
-                return None
-            return bool(conn.execute(select(rounds.c.cancel_requested)
-                                     .where(rounds.c.id == round_id)).scalar())
-
-    def request_cancel(self, round_id: str) -> bool:
-        return self.update_round(round_id, cancel_requested=True, message="cancel requested")
-
-    def expire_leases(self, max_attempts: int) -> tuple[list[str], list[str]]:
-        """Running rounds whose worker stopped heartbeating: re-queue them (oldest first keeps
-        their place) until ``max_attempts`` tries, then fail them with the reason."""
-        now = utcnow()
-        with self.engine.connect() as conn:
-            stale = conn.execute(select(rounds.c.id, rounds.c.attempts, rounds.c.worker).where(
-                rounds.c.state == "running", rounds.c.lease_until < now)).all()
-        requeued, failed = [], []
-        for rid, attempts, worker in stale:
-            lost = f"its worker {worker} stopped heartbeating"
-            with self.engine.begin() as conn:
-                guard = [rounds.c.id == rid, rounds.c.state == "running", rounds.c.lease_until < now]
-                if attempts < max_attempts and not self._cancel_flag(conn, rid):
-                    values = dict(state="queued", worker=None, lease_until=None, stage="queued",
-                                  progress=0.0, message=f"re-queued: {lost}")
-                    target = requeued
-                else:
-                    values = dict(state="failed", lease_until=None, finished_at=now,
-                                  message=f"failed: {lost} (attempt {attempts} of {max_attempts})")
-                    target = failed
-                if conn.execute(update(rounds).where(*guard).values(**values)).rowcount == 1:
-                    target.append(rid)
-        return requeued, failed
-
-    @staticmethod
-    def _cancel_flag(conn, rid: str) -> bool:
-        return bool(conn.execute(select(rounds.c.cancel_requested).where(rounds.c.id == rid)).scalar())
 
 
 def _device_row(row) -> DeviceRow:
