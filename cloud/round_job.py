@@ -47,6 +47,16 @@ class HFAssets:
     def __post_init__(self):
         self._teacher: Teacher | None = None
 
+    @classmethod
+    def embedded(cls, model_dir: Path) -> "HFAssets":
+        """An HF default build folder (``cdcca models build --hf``): ``teacher/`` and the data files
+        its manifest names (``data/replay.json``, ``data/eval.json``)."""
+        import json
+
+        data = json.loads((model_dir / "manifest.json").read_text()).get("data", {})
+        path = lambda k: (model_dir / data[k]) if k in data and (model_dir / data[k]).is_file() else None  # noqa: E731
+        return cls(model_dir / "teacher", path("replay"), path("eval"))
+
     def teacher(self) -> Teacher:
         if self._teacher is None:
             self._teacher = Teacher(self.teacher_dir)
@@ -165,7 +175,8 @@ def _fid(f: dict) -> dict:
 def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: Path | None = None,
                 eval_set: Path | None = None):
     """The RoundRunner.  With ``teacher`` (an HF checkpoint dir): the family seam with the given
-    replay / eval files.  Without: the embedded default's legacy assets (until the default switch)."""
+    replay / eval files.  Without: the embedded default in ``model_dir`` -- an HF build (teacher/
+    + data/) runs on the seam, the legacy TinyLlava build on round_tinyllava (until the switch)."""
     registry = ModelRegistry(settings.cloud_dir / "models")
     if teacher is not None:
         if not (Path(teacher) / "config.json").is_file():
@@ -177,8 +188,12 @@ def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: P
     else:
         from device.contracts.config import DEFAULT_MODEL_DIR
 
-        from .round_tinyllava import CloudAssets
-        assets = CloudAssets.embedded(Path(model_dir or DEFAULT_MODEL_DIR))
+        model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
+        if (model_dir / "teacher" / "config.json").is_file():  # an HF default build: the seam
+            assets = HFAssets.embedded(model_dir)
+        else:
+            from .round_tinyllava import CloudAssets
+            assets = CloudAssets.embedded(model_dir)
     return lambda ctx: run_round(ctx, registry, assets)
 
 
