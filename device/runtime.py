@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from device.chat_prompt import ChatPrompt, PromptConfig, Rendered
+from device.uncertainty import TokenUncertainty
 
 LogitsHook = Callable[[np.ndarray], None]
 _GGML_TYPES = {"f32": 0, "f16": 1}
@@ -381,7 +382,9 @@ class Runtime:
                  logits_hook: LogitsHook | None = None, on_token: Callable[[int, str], None] | None = None) -> Generation:
         """Greedy decode until an end-of-generation token of the model (EOS, EOT, <|im_end|>...),
         or ``max_tokens`` (default ``cfg.max_tokens``) -- then the answer is marked ``truncated``.
-        ``logits_hook`` sees each step's full logits before the token is chosen."""
+        ``logits_hook`` sees each step's full logits before the token is chosen; if it returns a
+        ``TokenUncertainty`` (the recorder does), its ``token_id`` -- the argmax of the logits as
+        the hook leaves them -- is the greedy choice."""
         max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -391,9 +394,9 @@ class Runtime:
         out, pieces, truncated = [], [], True
         for _ in range(max_tokens):
             lg = self.logits()
-            if logits_hook is not None:
-                logits_hook(lg)
-            tok = int(lg.argmax())
+            seen = logits_hook(lg) if logits_hook is not None else None
+            # an UncertaintyRecorder already found the argmax: one pass over the vocabulary saved
+            tok = seen.token_id if isinstance(seen, TokenUncertainty) else int(lg.argmax())
             if self.is_eog(tok):
                 truncated = False
                 break

@@ -134,6 +134,7 @@ def token_stats_fast(logits: np.ndarray, scratch: Scratch) -> TokenUncertainty:
     block = n if n <= _BLOCK_OVER else _BLOCK
     z, e = scratch.get(block)
     s = ez = 0.0
+    runner = -math.inf  # the runner-up's z, from each block's max while the block is in cache
     with np.errstate(over="ignore", invalid="ignore"):  # odd rows are caught below, not warned about
         for i in range(0, n, block):
             k = min(block, n - i)
@@ -142,13 +143,11 @@ def token_stats_fast(logits: np.ndarray, scratch: Scratch) -> TokenUncertainty:
             np.exp(zz, out=ee)
             s += float(ee.sum())
             ez += float(np.dot(ee, zz))
+            if i <= a < i + k:
+                zz[a - i] = -np.inf
+            runner = max(runner, float(zz.max()))
     if not math.isfinite(ez):  # a -inf logit: 0 * -inf; the exact path floors it
         return token_stats(x)
-    if block == n:
-        z[a] = -np.inf
-        runner = float(z.max())
-    else:
-        runner = max(float(x[:a].max()) if a else -math.inf, float(x[a + 1:].max()) if a + 1 < n else -math.inf) - m
     second = math.exp(runner)  # runner-up, unnormalised
     return TokenUncertainty(max(math.log(s) - ez / s, 0.0), 1.0 / s, (1.0 - second) / s, a)
 
