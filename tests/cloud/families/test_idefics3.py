@@ -14,10 +14,11 @@ from device.runtime import Runtime, RuntimeConfig
 
 # max |device - twin| next-token logit as a fraction of the device's logit range, per weight type
 # of the pair (measured on this tiny model: F32 6.8e-4 -- ggml's fp16 im2col and GELU table in the
-# tower; Q8_0 2.9e-2 -- llama.cpp also quantizes activations to Q8_0 inside its matmuls), and the
-# fraction of greedy answers that must agree (Q8_0: 2/3 measured; near-ties flip).
-LOGIT_TOL = {"f32": 2e-3, "q8_0": 5e-2}
-AGREE = {"f32": 1.0, "q8_0": 0.6}
+# tower; Q8_0 2.9e-2, Q4_0 3.2e-2 -- llama.cpp also quantizes activations to Q8_0 inside its
+# matmuls), and the fraction of greedy answers that must agree (Q8_0 2/3, Q4_0 3/3 measured;
+# near-ties flip).
+LOGIT_TOL = {"f32": 2e-3, "q8_0": 5e-2, "q4_0": 5e-2}
+AGREE = {"f32": 1.0, "q8_0": 0.6, "q4_0": 0.6}
 QUESTIONS = ["what colour is the circle?", "how many shapes are there?", "is there a red square?"]
 
 

@@ -12,10 +12,10 @@ from cloud.families.llama import qk_rows
 from device.runtime import Runtime, RuntimeConfig
 
 # max |device - twin| logit as a fraction of the device's logit range (measured: F32 1.1e-6,
-# Q8_0 2.9e-2 from llama.cpp's Q8_0 activation quantization) and the greedy agreement required
-# (Q8_0: 2/3 measured, near-ties flip).
-LOGIT_TOL = {"f32": 1e-4, "q8_0": 5e-2}
-AGREE = {"f32": 1.0, "q8_0": 0.6}
+# Q8_0 2.9e-2, Q4_0 2.8e-2 from llama.cpp's Q8_0 activation quantization) and the greedy
+# agreement required (Q8_0 2/3, Q4_0 3/3 measured; near-ties flip).
+LOGIT_TOL = {"f32": 1e-4, "q8_0": 5e-2, "q4_0": 5e-2}
+AGREE = {"f32": 1.0, "q8_0": 0.6, "q4_0": 0.6}
 
 
 @pytest.fixture(scope="module")
