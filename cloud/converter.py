@@ -110,7 +110,7 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str = "f32", *,
     Writes to a temp name beside ``outfile`` and renames on success, so a failed or killed
     conversion never leaves a truncated GGUF under the final name.  Returns ``outfile``.
     """
-    model_dir, outfile = Path(model_dir), Path(outfile)
+    model_dir, outfile = Path(model_dir).resolve(), Path(outfile).resolve()  # the script runs in its own cwd
     if outtype not in OUTTYPES:
         raise ConverterError(f"unsupported --outtype {outtype!r}; the converter writes {', '.join(OUTTYPES)} "
                              f"(other quant types: quantize its f32 output)")

@@ -255,6 +255,9 @@ def build(preset: str | HFBuildConfig = "default", out: Path | str = "assets/def
     from .hf_model import ModelSpec, load_model, num_params
     from .split import from_samples
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per tiny checkpoint load would drown the build's own
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     h, out, cache = config_hash(cfg), Path(out), Path(cache or cache_root())
     man = out / "manifest.json"

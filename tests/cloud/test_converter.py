@@ -52,3 +52,9 @@ def test_refusals_are_one_line_and_leave_no_file(tiny_idefics3, tmp_path):
         convert(bad, tmp_path / "bad.gguf")
     assert "\n" not in str(e.value) and "NoSuchModelForCausalLM" in str(e.value)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*part"))
+
+
+def test_relative_paths_work_from_any_cwd(tiny_idefics3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_idefics3.parent)
+    out = convert(tiny_idefics3.name, "rel.gguf", "f32")
+    assert out.is_absolute() and out.is_file() and out.parent == tiny_idefics3.parent
