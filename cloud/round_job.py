@@ -29,6 +29,7 @@ from .dwc import DWCConfig, compress, fisher_diag, patched_twin
 from .families import FamilyError, Twin, family_for
 from .families.teacher import Teacher, check_compatible
 from .fidelity import fidelity
+from . import twin_eval
 from .registry import ModelRegistry
 
 
@@ -158,8 +159,16 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
                          "patched": _fid(fidelity(patched, pfiles, probes, threads=threads))},
         }
         if eval_qas:
+            ev_imgs = _images(eval_qas, size)
+
+            def merged_answer(im, q):
+                return fam.decode(twin, fam.generate(twin, fam.example(twin, q, im), model=merged))
+
             metrics["accuracy"] = {"before": _device_eval(files, eval_qas, threads),
-                                   "after": _device_eval(pfiles, eval_qas, threads), "measured_on": "device"}
+                                   "after": _device_eval(pfiles, eval_qas, threads), "measured_on": "device",
+                                   "after_full_precision": twin_eval.evaluate(merged_answer, ev_imgs, eval_qas),
+                                   "teacher": twin_eval.score(teacher.answer(ev_imgs, [q.question for q in eval_qas]),
+                                                              eval_qas)}
         metrics["new_model"] = registry.put(pfiles)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

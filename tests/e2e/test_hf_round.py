@@ -61,7 +61,9 @@ def test_sync_round_on_the_hf_default(hf_default, tmp_path, monkeypatch):
     assert rep.version_after == "v1" and 0 < rep.downlink_bytes <= 48 * 1024 + 8192
     extra = rep.cloud.model_extra
     assert extra["family"] == "idefics3" and rep.cloud.akd["kd_mode"] == "logit"
-    assert rep.cloud.accuracy.after is not None and rep.cloud.accuracy.model_extra["measured_on"] == "device"
+    acc = rep.cloud.accuracy
+    assert acc.after is not None and acc.model_extra["measured_on"] == "device"
+    assert acc.after_full_precision is not None and acc.teacher is not None  # torch, beside the device
     new = open_device_model(settings, quant="q4_0")
     twin = family_for(new.model, new.mmproj).load_twin(new.model, new.mmproj)
     probes = [(load_image(s.image, 32), s.question) for s in drifted[:12]]
