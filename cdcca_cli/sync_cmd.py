@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .common import (cloud_url_option, console, load_device_settings, one_line_errors, quant_option, round_option,
+from .common import (cloud_url_option, console, err_console, load_device_settings, one_line_errors, quant_option, round_option,
                      token_option)
 from .main import app
 
@@ -123,6 +123,8 @@ def sync(
             raise ValueError("no device token: run `cdcca cloud add-device NAME` on the cloud, then set CDCCA_DEVICE_TOKEN "
                              f"or write it to {s.device_dir / 'token'} (chmod 600)")
         client = CloudClient(s.cloud_url, s.device_token)
+        if client.transport_warning:
+            err_console.print(client.transport_warning, style="yellow", markup=False, highlight=False)
         preflight(s, client)  # before importing the round driver (llama.cpp, gguf): fails in ~startup time
         from device.sync import SyncOptions
 

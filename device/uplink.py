@@ -98,6 +98,15 @@ class CloudClient:
     def close(self) -> None:
         self._http.close()
 
+    @property
+    def transport_warning(self) -> str | None:
+        """A one-line warning when the cloud is reached over plain HTTP beyond this machine.
+
+        Why: the patch signature protects the downlink, but the token, the user's images and
+        prompts travel in clear over ``http://``; HTTPS is the deployment default (httpx verifies
+        certificates). Loopback (the demo, the tests, an SSH tunnel) is not warned about."""
+        return plain_http_warning(self.base_url)
+
     def __enter__(self) -> CloudClient:
         return self
 
@@ -416,6 +425,19 @@ class _FileBody:
                 self.counted += len(chunk)
                 self.bar.update(len(chunk))
                 yield chunk
+
+
+_LOOPBACK = ("localhost", "::1", "[::1]")
+
+
+def plain_http_warning(url: str) -> str | None:
+    """See ``CloudClient.transport_warning``; the one definition of "insecure cloud URL"."""
+    u = httpx.URL(url)
+    host = (u.host or "").lower()
+    if u.scheme != "http" or host in _LOOPBACK or host.startswith("127."):
+        return None
+    return (f"warning: {url} is plain HTTP: the device token, images and prompts cross the network "
+            "unencrypted; use https:// (patches stay signature-checked either way)")
 
 
 def __getattr__(name: str) -> Any:

@@ -413,3 +413,13 @@ def test_model_upload_retries_resend_the_whole_file(tmp_path: Path) -> None:
         with pytest.raises(CloudError, match=r"\(413\)"):
             client.upload_model(mid, files, progress=False)
     assert len(bodies) == 1  # a refusal is not retried
+
+
+def test_plain_http_beyond_loopback_is_warned_about_in_one_line():
+    from device.uplink import plain_http_warning
+
+    for quiet in ("http://127.0.0.1:8765", "http://localhost:1", "http://[::1]:8765", "https://cloud.example:443"):
+        assert plain_http_warning(quiet) is None, quiet
+    w = plain_http_warning("http://10.1.2.3:8765")
+    assert w.startswith("warning: ") and "https://" in w and "\n" not in w
+    assert CloudClient("http://cloud.example:8765", None).transport_warning == plain_http_warning("http://cloud.example:8765")
