@@ -32,7 +32,7 @@ from device.contracts.patch_format import make_patch_from_arrays, read_patch, ro
 from device.patch import plan_patch, verify_written, write_placements
 
 from . import ggml_quant
-from .families import Example, Twin, collate, family_for
+from .families import Twin, collate, family_for
 
 ENTRY_OVERHEAD = 160  # JSON entry + tensor info bytes per patched range (measured, approximate)
 

@@ -261,11 +261,11 @@ class CloudClient:
         idempotent: a retry re-sends the file from its start); a refusal raises CloudError, e.g.
         422 when the files do not hash to ``model_id``."""
         _checked(_MODEL_ID, model_id, "model id")
-        missing = [r for r in ROLES if files.get(r) is None]
-        if missing:
-            raise ValueError(f"model {model_id}: no {' or '.join(missing)} file to upload "
-                             "(the cloud needs both GGUF files)")
-        paths = {r: Path(files[r]) for r in ROLES}
+        if files.get("model") is None:
+            raise ValueError(f"model {model_id}: no model file to upload")
+        # a text-only model has no mmproj: its id hashes the model file alone, so the cloud knows
+        # it is complete after the one file (device.contracts.model_id)
+        paths = {r: Path(files[r]) for r in ROLES if files.get(r) is not None}
         sizes = {r: p.stat().st_size for r, p in paths.items()}
         t = self._http.timeout
         timeout = httpx.Timeout(connect=t.connect, write=t.write, pool=t.pool,
@@ -273,7 +273,7 @@ class CloudClient:
         result: ModelUploadResult | None = None
         with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024,
                   desc="model upload", disable=not progress) as bar:
-            for role in ROLES:
+            for role in paths:
                 headers = {"Content-Type": "application/octet-stream",
                            "Content-Length": str(sizes[role])}
                 data = self._json("PUT", f"/v1/models/{model_id}/{role}", timeout=timeout,
@@ -282,7 +282,7 @@ class CloudClient:
                 if result.complete:  # the cloud may have it already (another device sent it)
                     break
         if result is None or not result.complete:
-            raise CloudError(f"cloud did not register model {model_id} after both of its files "
+            raise CloudError(f"cloud did not register model {model_id} after all of its files "
                              "were uploaded")
 
     def ensure_model(self, model_id: str, files: dict[str, Path], progress: bool = True) -> bool:

@@ -143,15 +143,13 @@ def collate(exs: Sequence[Example], pad_id: int = 0) -> dict:
 def load_teacher(path: str | Path, dtype=torch.float32):
     """Any Hugging Face checkpoint dir (``save_pretrained`` layout) via the Auto classes:
     image-text-to-text first, causal LM otherwise.  Returns (model, tokenizer or processor's tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FamilyError(f"{path}: not a Hugging Face checkpoint (no config.json)")
-    cfg = AutoConfig.from_pretrained(path)
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError):  # not an image-text model: a causal LM teacher
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    del cfg
     return model.eval(), AutoTokenizer.from_pretrained(path)

@@ -34,7 +34,7 @@ which is exactly what ``Idefics3ForConditionalGeneration(input_ids=..., pixel_va
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 

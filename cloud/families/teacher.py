@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .base import Example, FamilyError, collate, load_teacher
-from .idefics3_layout import IMAGE, HFVocab, layout
+from .idefics3_layout import HFVocab, layout
 
 
 class Teacher:
