@@ -291,6 +291,8 @@ def _phase(cloud: CloudProcs, store, work: Path, prefix: str, n_dev: int, n: int
     idle_lat: list[float] = []
     stop = threading.Event()
     rounds_out = []
+    for proc in procs[round_devices:]:  # devices without a round are done: let them exit first
+        proc.join(60)
     if round_devices:  # baseline first: the same polling for 3 s while the workers are idle
         idle = threading.Event()
         poller = threading.Thread(target=_poll_status, args=(cloud.url, tokens[names[0]], idle, idle_lat))
@@ -326,7 +328,8 @@ def _phase(cloud: CloudProcs, store, work: Path, prefix: str, n_dev: int, n: int
             "status_p50_ms": float(np.percentile(slat, 50) * 1e3) if slat.size else float("nan"),
             "status_p99_ms": float(np.percentile(slat, 99) * 1e3) if slat.size else float("nan"),
             "idle_status_p50_ms": float(np.percentile(ilat, 50) * 1e3) if ilat.size else float("nan"),
-            "idle_status_p99_ms": float(np.percentile(ilat, 99) * 1e3) if ilat.size else float("nan")}
+            "idle_status_p99_ms": float(np.percentile(ilat, 99) * 1e3) if ilat.size else float("nan"),
+            "idle_status_requests": int(ilat.size)}
 
 
 # --- the section ------------------------------------------------------------------------------------
@@ -407,7 +410,8 @@ def _tables(sec: Section, p, steady: dict, restart: dict, peak: dict, db_note: s
         f"a synthetic CPU-bound {p.fleet_round_s:g} s busy loop per worker (measures queue + scheduling, not AKD). "
         "Queue wait = started_at - created_at of each device's round. GET status = GET /v1/rounds polled every "
         f"20 ms by the bench while the workers ran ({steady['status_requests']} requests); 'idle' = the same "
-        "polling for 3 s just before, workers idle (baseline, same run). Peak RSS = VmHWM.",
+        "polling for 3 s just before, workers idle ("
+        f"{steady['idle_status_requests']} requests; baseline, same run). Peak RSS = VmHWM.",
     ]
     sec.tables.append(t2)
     for label, r in (("Steady run", steady), ("Restart run", restart)):
