@@ -31,6 +31,7 @@ from .families.teacher import Teacher, check_compatible
 from .fidelity import fidelity
 from . import twin_eval
 from .registry import ModelRegistry
+from .round_tinyllava import CloudAssets  # legacy: bench/ and tests import it from here until the switch
 
 
 @dataclass
@@ -110,6 +111,8 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
     files = registry.get(ctx.base_model)
     if files is None:
         raise ValueError(f"the cloud has no copy of device model {ctx.base_model}; upload it first")
+    if isinstance(assets, EmbeddedAssets):
+        assets = assets.pick(files)
     if not isinstance(assets, HFAssets):
         from . import round_tinyllava
 
@@ -181,30 +184,51 @@ def _fid(f: dict) -> dict:
     return {k: f[k] for k in ("n", "greedy_agreement", "max_logit_gap")}
 
 
+def _is_family_pair(files: dict[str, Path]) -> bool:
+    try:
+        family_for(files["model"], files.get("mmproj"))
+        return True
+    except FamilyError:
+        return False
+
+
+@dataclass
+class EmbeddedAssets:
+    """The embedded defaults while both exist: the HF build serves a pair a family recognizes,
+    the legacy TinyLlava assets the legacy pair (deleted at the lead's switch)."""
+
+    hf: HFAssets | None
+    legacy: object | None
+
+    def pick(self, files: dict[str, Path]):
+        if self.hf is not None and (self.legacy is None or _is_family_pair(files)):
+            return self.hf
+        if self.legacy is None:
+            raise FamilyError("this device model is no family's and the cloud has no legacy default for it")
+        return self.legacy
+
+
 def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: Path | None = None,
                 eval_set: Path | None = None):
     """The RoundRunner.  With ``teacher`` (an HF checkpoint dir): the family seam with the given
-    replay / eval files.  Without: the embedded default in ``model_dir`` -- an HF build (teacher/
-    + data/) runs on the seam, the legacy TinyLlava build on round_tinyllava (until the switch)."""
+    replay / eval files.  Without: the embedded defaults -- a device pair a family recognizes is
+    served with the HF default build (``model_dir`` if it is one, else ``assets/default-hf``:
+    its ``teacher/`` and ``data/``), the legacy TinyLlava pair by round_tinyllava."""
+    from device.contracts.config import ASSETS_DIR, DEFAULT_MODEL_DIR
+
     registry = ModelRegistry(settings.cloud_dir / "models")
     if teacher is not None:
         if not (Path(teacher) / "config.json").is_file():
             raise FamilyError(f"--teacher {teacher}: not a Hugging Face checkpoint dir (no config.json)")
-        for what, p in (("--replay", replay), ("--eval", eval_set)):
+        for p in (replay, eval_set):
             if p is not None:
                 read_llava(p)  # a malformed file fails here, in one line, not in the first round
         assets = HFAssets(Path(teacher), Path(replay) if replay else None, Path(eval_set) if eval_set else None)
-    else:
-        from device.contracts.config import DEFAULT_MODEL_DIR
-
-        model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
-        if (model_dir / "teacher" / "config.json").is_file():  # an HF default build: the seam
-            assets = HFAssets.embedded(model_dir)
-        else:
-            from .round_tinyllava import CloudAssets
-            assets = CloudAssets.embedded(model_dir)
+        return lambda ctx: run_round(ctx, registry, assets)
+    model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
+    is_hf = lambda d: (d / "teacher" / "config.json").is_file() and (d / "manifest.json").is_file()  # noqa: E731
+    hf_dir = model_dir if is_hf(model_dir) else ASSETS_DIR / "default-hf"
+    assets = EmbeddedAssets(HFAssets.embedded(hf_dir) if is_hf(hf_dir) else None,
+                            None if is_hf(model_dir) else CloudAssets.embedded(model_dir))
     return lambda ctx: run_round(ctx, registry, assets)
 
-
-# the legacy names bench/ and tests import, until the default switch
-from .round_tinyllava import CloudAssets  # noqa: E402,F401

@@ -30,8 +30,16 @@ from device.uplink import CloudClient
 AGREEMENT = 0.9  # patched device vs the twin rebuilt from its files, greedy answers (measured: 1.0)
 
 
-@pytest.fixture(scope="module")
-def hf_default(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny-build", "shipped"])
+def hf_default(request, tmp_path_factory):
+    """The builder's tiny preset built here, and the shipped assets/default-hf (what make_runner's
+    default serves a family pair with: the round job's switch to the HF default)."""
+    from device.contracts.config import ASSETS_DIR
+
+    if request.param == "shipped":
+        if not (ASSETS_DIR / "default-hf" / "teacher" / "config.json").is_file():
+            pytest.skip("assets/default-hf not built")
+        return None
     from cloud.zoo.hf_build import build
 
     return build("tiny", tmp_path_factory.mktemp("hf-default") / "default-hf", progress=False)
@@ -42,6 +50,10 @@ def test_sync_round_on_the_hf_default(hf_default, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setenv("CDCCA_HOME", str(tmp_path / "home"))
     settings = load_settings()
+    runner_dir = hf_default  # None: make_runner's own default (assets/default-hf for a family pair)
+    if hf_default is None:
+        from device.contracts.config import ASSETS_DIR
+        hf_default = ASSETS_DIR / "default-hf"
     model, mmproj = hf_default / "student-q4_0.gguf", hf_default / "mmproj-f32.gguf"
     store_for(settings, "q4_0").install_base(model, mmproj)
     eval_json = hf_default / "data" / "eval.json"
@@ -55,7 +67,7 @@ def test_sync_round_on_the_hf_default(hf_default, tmp_path, monkeypatch):
         sess.close()
     assert kept > 0
     opts = SyncOptions(RoundOptions(seed=0, steps=20), eval_path=eval_json, eval_per_domain=4)
-    with LoopbackCloud(settings, runner=make_runner(settings, model_dir=hf_default)) as cloud:
+    with LoopbackCloud(settings, runner=make_runner(settings, model_dir=runner_dir)) as cloud:
         client = CloudClient(cloud.url, cloud.add_device("laptop"), retries=2, backoff=0.1)
         rep = run_sync(settings, client, opts, quant="q4_0")
     assert rep.version_after == "v1" and 0 < rep.downlink_bytes <= 48 * 1024 + 8192
@@ -68,7 +80,7 @@ def test_sync_round_on_the_hf_default(hf_default, tmp_path, monkeypatch):
     twin = family_for(new.model, new.mmproj).load_twin(new.model, new.mmproj)
     probes = [(load_image(s.image, 32), s.question) for s in drifted[:12]]
     fid = fidelity(twin, {"model": new.model, "mmproj": new.mmproj}, probes)
-    print(f"HF default (tiny) Q4_0 round: {kept} chats kept, patch {rep.downlink_bytes} B, cloud round "
+    print(f"HF default ({hf_default}) Q4_0 round: {kept} chats kept, patch {rep.downlink_bytes} B, cloud round "
           f"{rep.round_seconds:.1f} s; cloud fidelity {extra['fidelity']}; device-vs-twin on the device's "
           f"new files: agreement {fid['greedy_agreement']:.2f}, max logit gap {fid['max_logit_gap']:.3f}")
     assert fid["greedy_agreement"] >= AGREEMENT
