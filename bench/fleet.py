@@ -437,5 +437,30 @@ def _worker_main(round_s: float) -> None:
     run_worker(load_settings(), busy_round(round_s), poll_s=0.2)
 
 
+def _section_main(profile: str, out: Path) -> None:
+    """`python -m bench.fleet run quick|full OUT`: this section alone; OUT/fleet.json + a summary."""
+    import json
+
+    from .profiles import PROFILES
+
+    ctx = Context(profile=PROFILES[profile], out=out, work=out / "work", model_dir=ROOT)
+    sec = run(ctx)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fleet.json").write_text(json.dumps({"findings": sec.findings, "not_beaten": sec.not_beaten,
+                                                "data": sec.data}, indent=1, default=str))
+    for key in ("steady", "restart"):
+        r = sec.data[key]
+        print(f"{key}: {r['stored_rows']}/{r['expected']} exactly_once={r['exactly_once']} "
+              f"throughput={r['throughput']:.0f}/s p50={r['p50_ms']:.0f} ms p99={r['p99_ms']:.0f} ms "
+              f"failed_syncs={r['client_errors']} restart={r['restart']}")
+    r = sec.data["steady"]
+    print(f"rounds: {r['rounds_done']}/{len(r['rounds'])} done, {r['rounds_per_min']:.1f}/min, queue waits "
+          f"{sorted(round(x['queue_wait_s'], 2) for x in r['rounds'] if 'queue_wait_s' in x)} s; GET status "
+          f"p50/p99 {r['status_p50_ms']:.1f}/{r['status_p99_ms']:.1f} ms busy, "
+          f"{r['idle_status_p50_ms']:.1f}/{r['idle_status_p99_ms']:.1f} ms idle; peak RSS {sec.data['peak_rss_mib']}")
+
+
 if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "worker":
     _worker_main(float(sys.argv[2]))
+elif __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "run":
+    _section_main(sys.argv[2], Path(sys.argv[3]))
