@@ -40,8 +40,8 @@ class ModelRegistry:
 
     def get(self, mid: str) -> dict[str, Path] | None:
         d = self._dir(mid)
-        files = {r: d / f"{r}.gguf" for r in ROLES}
-        return files if all(p.is_file() for p in files.values()) else None
+        files = {r: d / f"{r}.gguf" for r in ROLES if (d / f"{r}.gguf").is_file()}
+        return files if "model" in files else None  # a text-only model has no mmproj
 
     def ids(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -61,9 +61,10 @@ class ModelRegistry:
         tmp = self.root / f".{mid}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for r in ROLES:
+        roles = [r for r in ROLES if files.get(r) is not None]
+        for r in roles:
             shutil.copyfile(files[r], tmp / f"{r}.gguf")
-        if model_id({r: tmp / f"{r}.gguf" for r in ROLES}) != mid:
+        if model_id({r: tmp / f"{r}.gguf" for r in roles}) != mid:
             shutil.rmtree(tmp)
             raise ValueError("model files changed while being registered")
         try:
@@ -73,8 +74,9 @@ class ModelRegistry:
         return mid
 
     def put_role(self, mid: str, role: str, src: Path, owner: str = "") -> bool:
-        """Stage one uploaded file in ``owner``'s staging; the model becomes visible once both
-        roles are present and their content hash equals ``mid``.  True when complete."""
+        """Stage one uploaded file in ``owner``'s staging; the model becomes visible once the
+        staged files' content hash equals ``mid`` (model + mmproj, or the model alone for a
+        text-only model).  True when complete."""
         if role not in ROLES:
             raise ValueError(f"unknown model file role {role!r}")
         self._dir(mid)  # validates the id
@@ -85,11 +87,13 @@ class ModelRegistry:
             staging.mkdir(mode=0o700)
         os.replace(src, staging / f"{role}.gguf")
         os.utime(staging)
-        files = {r: staging / f"{r}.gguf" for r in ROLES}
-        if not all(p.is_file() for p in files.values()):
+        files = {r: staging / f"{r}.gguf" for r in ROLES if (staging / f"{r}.gguf").is_file()}
+        if "model" not in files:
             return False
-        got = model_id(files)
+        got = model_id(files)  # the id says which files make the model: model alone = text-only
         if got != mid:
+            if len(files) < len(ROLES):
+                return False  # the mmproj is still to come
             shutil.rmtree(staging)
             raise ValueError(f"uploaded files hash to {got}, not {mid}")
         try:

@@ -25,9 +25,6 @@ def sha(p) -> str:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="text-only upload not supported yet: device/uplink.py ensure_model and the cloud registry "
-                          "(cloud/registry.py, server.py) require both model and mmproj files")
 def test_text_only_user_model_add_chat_sync_patch_rollback(tmp_path, monkeypatch):
     import torch
 

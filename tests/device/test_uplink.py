@@ -376,7 +376,10 @@ def test_model_upload_refusals_raise_cloud_error(app, live_url: str, token: str,
         with pytest.raises(CloudError, match=r"\(422\): hash mismatch") as err:
             client.upload_model(mid, files, progress=False)
         assert err.value.status == 422 and client.has_model(mid) is False
-        with pytest.raises(ValueError, match="no mmproj file"):
+        with pytest.raises(ValueError, match="no model file"):
+            client.upload_model(mid, {"mmproj": files["mmproj"]}, progress=False)
+        # the model file alone of a model whose id names an mmproj too: the cloud waits for it
+        with pytest.raises(CloudError, match="did not register"):
             client.upload_model(mid, {"model": files["model"]}, progress=False)
     with fast_client(live_url, None) as client:
         with pytest.raises(CloudError, match=r"\(401\)"):
