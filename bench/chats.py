@@ -82,7 +82,7 @@ class ChatStream:
 class KeepAll:
     """A sample-stage gate that keeps every chat: the 'no selection' baselines."""
 
-    def __call__(self, entropy: float, ood: float | None) -> tuple[bool, float, str]:
+    def __call__(self, entropy: float, ood: float | None, vocab_size: int | None = None) -> tuple[bool, float, str]:
         return True, max(entropy, ood or 0.0), "kept: no selection (baseline)"
 
 

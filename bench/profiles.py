@@ -26,6 +26,7 @@ class Profile:
     transfer_reps: int
     memcpy_mib: int
     workers: int = 2  # training processes, one torch thread each
+    seam_seeds: int = 0  # reported seeds 1..k of the family-seam bench (0 = ``seeds``); docs/bench design
     fleet_restart_s: float = 15.0  # cloud API down this long mid-upload (issue 11)
     fleet_round_s: float = 3.0  # the fleet's synthetic round, per worker
     fleet_round_devices: int = 8  # devices requesting a round at the same moment
@@ -33,7 +34,8 @@ class Profile:
     dwc_budgets_kib: tuple[int | None, ...] = (8, 16, 32, 48, 96, None)
 
     def with_seeds(self, seeds: int | None) -> "Profile":
-        return self if not seeds else replace(self, seeds=seeds, ablation_seeds=min(self.ablation_seeds, seeds))
+        return self if not seeds else replace(self, seeds=seeds, seam_seeds=seeds,
+                                             ablation_seeds=min(self.ablation_seeds, seeds))
 
 
 PROFILES = {
@@ -44,9 +46,9 @@ PROFILES = {
     "quick": Profile("quick", seeds=2, chats_per_domain=100, steps=100, batch_size=48, eval_n=200, replay_n=4000,
                      ablation_seeds=1, continual_domains=("noise", "texture", "combo"), continual_chats=100,
                      fleet_devices=8, fleet_samples=50, fleet_batch=5, perf_prompts=60, perf_reps=3,
-                     transfer_reps=3, memcpy_mib=128, fleet_restart_s=5.0),
+                     transfer_reps=3, memcpy_mib=128, fleet_restart_s=5.0, seam_seeds=3),
     "full": Profile("full", seeds=3, chats_per_domain=200, steps=150, batch_size=48, eval_n=300, replay_n=4000,
                     ablation_seeds=3, continual_domains=("noise", "texture", "combo", "rotate"), continual_chats=200,
                     fleet_devices=64, fleet_samples=100, fleet_batch=10, perf_prompts=150, perf_reps=5,
-                    transfer_reps=5, memcpy_mib=256),
+                    transfer_reps=5, memcpy_mib=256, seam_seeds=5),
 }

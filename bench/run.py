@@ -12,7 +12,7 @@ from pathlib import Path
 
 from device.contracts.config import DEFAULT_MODEL_DIR
 
-from . import ablations, accuracy, continual, device_perf, env, fleet, plots, report, transmission
+from . import env, report
 from .chats import DOMAINS, generate_samples, run_chats
 from .common import Context, chat_seed
 from .jobs import Runner
@@ -26,6 +26,15 @@ def log(msg: str, t0: float) -> None:
 def run_bench(profile: str = "quick", out: Path = Path("results"), seeds: int | None = None,
               workers: int | None = None, model_dir: Path = DEFAULT_MODEL_DIR, command: str = "cdcca bench",
               keep_work: bool = False) -> Path:
+    from .seam_jobs import is_hf_build
+
+    if is_hf_build(model_dir):  # an HF build folder: the bench on the family seam (like cloud/round_job)
+        from .seam import run_seam_bench
+
+        return run_seam_bench(profile, out, seeds, workers, Path(model_dir), command, keep_work)
+    # the legacy TinyLlava sections (imported here: the seam path does not depend on them)
+    from . import ablations, accuracy, continual, device_perf, fleet, plots, transmission
+
     t0 = time.time()
     prof = PROFILES[profile].with_seeds(seeds)
     if workers is not None:

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from cloud.loopback import LoopbackCloud
 from device.contracts.config import load_settings
 from device.contracts.wire import RoundOptions, RoundRequest, UploadRequest
 from device.uplink import CloudClient
 
 from .common import DEFAULT_BUDGET, Context, Section
-from .fleet import PortCloud
 from .synth import synthetic_sample
 from .table import Table, num
 
@@ -62,7 +62,7 @@ def run(ctx: Context) -> Section:
         shutil.copyfile(blob["path"], rctx.patch_path)
         return {"bench_blob": str(blob["path"].name)}
 
-    cloud = PortCloud(settings, runner).start()
+    cloud = LoopbackCloud(settings, runner=runner).start()
     try:
         up = _uplink(cloud, stream, p.transfer_reps)
         down = _downlink(cloud, ctx, job, blob, p.transfer_reps)

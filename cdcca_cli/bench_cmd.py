@@ -17,6 +17,8 @@ def bench(
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="chat streams / AKD seeds for table 1"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="training processes (default 2)"),
     profile: Optional[str] = typer.Option(None, "--profile", hidden=True, help="tiny | quick | full (tests use tiny)"),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="embedded build folder (default: the shipped "
+                                             "default); an HF build (teacher/ inside) runs on the family seam"),
 ):
     """Benchmark the whole system with fixed seeds: accuracy vs baselines, ablations, transmission,
     device speed, a fleet with a cloud restart, and continual rounds."""
@@ -28,5 +30,10 @@ def bench(
         if name not in PROFILES:
             raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
         cmd = "cdcca bench" + (" --quick" if quick else "") + f" --out {out}" + (f" --seeds {seeds}" if seeds else "")
-        md = run_bench(name, out, seeds, workers, command=cmd)
+        if model_dir is not None:
+            cmd += f" --model-dir {model_dir}"
+            if not model_dir.is_dir():
+                raise ValueError(f"--model-dir {model_dir}: no such folder")
+        kw = {"model_dir": model_dir} if model_dir is not None else {}
+        md = run_bench(name, out, seeds, workers, command=cmd, **kw)
         console.print(f"report: {md}")

@@ -1,0 +1,258 @@
+"""`cdcca bench` for an HF build folder (``--model-dir assets/default-hf``): the one-round accuracy
+benchmark on the family seam, as docs/bench/README.md "Benchmark design (fixed before tuning)" fixes it.
+
+device chat streams (llama.cpp + the product's UTS; drift = 70 % source / 30 % the seed's two drifted
+domains, all-target beside it) -> training jobs on the seam (cloud.akd.distil_twin, cloud.dwc) ->
+every trained row written into a copy of the device GGUFs and measured there, per question ->
+Wilson intervals per row, paired-bootstrap differences for every comparison (a *win* only when the
+interval excludes 0) -> report.md / results.json with sentences generated from the numbers.
+
+Seed 0 is the development seed and is never reported: the reported seeds are 1..k.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from device.contracts.metrics import paired_bootstrap, seed_interval, wilson
+from device.contracts.wire import RoundOptions
+
+from . import env, report
+from .chats import DOMAINS, run_chats
+from .common import DEFAULT_BUDGET, Section, mean, pts, std
+from .profiles import PROFILES
+from .seam_jobs import Runner, chat_seed, device_model, drifted_pair, equal_bytes_index, stream_samples
+from .table import Table, mean_std, na, num
+
+STREAMS = ("drift", "all-target")
+METHODS = (  # (key, label, stream kinds it runs on)
+    ("source", "Source-only student (device model as shipped, q4_0)", STREAMS),
+    ("pseudo", "Pseudo-label fine-tuning (CE on teacher answers, UTS samples)", ("drift",)),
+    ("vanilla", "Vanilla KD on ALL chats (no selection)", ("drift",)),
+    ("random", "Random selection at equal uplink bytes (AKD all terms)", STREAMS),
+    ("cdcca_full", "CDCCA, every changed row shipped (UTS + AKD, no DWC budget)", ("drift",)),
+    ("cdcca", "**CDCCA** (UTS + AKD + DWC patch, 48 KiB)", STREAMS),
+    ("oracle", "Oracle (same adapters, CE on ground truth of every chat; upper bound)", ("drift",)),
+    ("teacher", "Teacher (HF checkpoint, torch-measured; upper bound)", ("drift",)),
+)
+BASELINES = ("source", "pseudo", "vanilla", "random")
+WIN_PTS = 0.02  # issue 12's bar for CDCCA over each baseline on the drifted mean
+
+
+def log(msg: str, t0: float) -> None:
+    print(f"[bench {time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def seeds_of(prof) -> list[int]:
+    return list(range(1, (prof.seam_seeds or prof.seeds) + 1))
+
+
+def _akd(prof, seed: int, **switches) -> dict:
+    return dict(steps=prof.steps, batch_size=prof.batch_size, lr=RoundOptions().learning_rate, seed=seed, **switches)
+
+
+def stream_jobs(prof, kind: str, seed: int, stream, work: Path, uplink: dict) -> list[dict]:
+    uts = stream.kept_samples
+    if not uts:
+        raise RuntimeError(f"seed {seed} {kind}: UTS kept no chat of {len(stream.chats)}; nothing to learn from")
+    every = stream.repack(range(len(stream.chats)))
+    sizes = [len(x.model_dump_json()) for x in every]
+    uts_bytes = sum(len(x.model_dump_json()) for x in uts)
+    rnd = [every[i] for i in equal_bytes_index(sizes, uts_bytes, seed)]
+    uplink[(kind, seed)] = {"uts": (len(uts), uts_bytes), "vanilla": (len(every), sum(sizes)), "oracle": (len(every), sum(sizes)),
+                            "random": (len(rnd), sum(len(x.model_dump_json()) for x in rnd))}
+    name = lambda m: f"{kind}-{m}-s{seed}"  # noqa: E731
+    base = dict(kind="train", work=str(work), labels="teacher", truths=[], budgets=[None])
+    jobs = [dict(base, name=name("random"), samples=rnd, akd=_akd(prof, seed)),
+            dict(base, name=name("cdcca"), samples=uts, akd=_akd(prof, seed), full_precision=kind == "drift",
+                 budgets=[None, DEFAULT_BUDGET] if kind == "drift" else [DEFAULT_BUDGET])]
+    if kind == "drift":
+        jobs += [dict(base, name=name("pseudo"), samples=uts, akd=_akd(prof, seed, kd=False, feat=False)),
+                 dict(base, name=name("vanilla"), samples=every, akd=_akd(prof, seed, ce=False, kd=True, feat=False)),
+                 dict(base, name=name("oracle"), samples=every, labels="truth", truths=stream.truths(every),
+                      akd=_akd(prof, seed, kd=False, feat=False))]
+    return jobs
+
+
+def correct_of(res: dict, method: str, kind: str, seed: int) -> list[float]:
+    if method in ("source", "teacher"):
+        return res["base"]["student" if method == "source" else "teacher"]
+    if method == "cdcca":
+        return res[f"{kind}-cdcca-s{seed}"]["patches"][str(DEFAULT_BUDGET)]["correct"]
+    job = "cdcca" if method == "cdcca_full" else method
+    return res[f"{kind}-{job}-s{seed}"]["patches"]["unlimited"]["correct"]
+
+
+def _pick(correct, domains, keep) -> list[float]:
+    return [c for c, d in zip(correct, domains) if d in keep]
+
+
+def _downlink(res, method, kind, seeds) -> object:
+    if method in ("source", "teacher"):
+        return na("no update")
+    if method == "cdcca":
+        return mean_std([res[f"{kind}-cdcca-s{s}"]["patches"][str(DEFAULT_BUDGET)]["bytes"] / 1024 for s in seeds], "{:.1f}")
+    job = "cdcca" if method == "cdcca_full" else method
+    return mean_std([res[f"{kind}-{job}-s{s}"]["patches"]["unlimited"]["bytes"] / 1024 for s in seeds], "{:.1f}")
+
+
+def stream_table(res, kind: str, seeds: list[int], uplink: dict, n_per_domain: dict) -> tuple[Table, dict]:
+    doms = res["base"]["domains"]
+    cols = (["Method"] + [f"{d} VQA" for d in DOMAINS] +
+            ["drifted mean VQA", "drifted 95% CI low", "drifted 95% CI high", "uplink samples", "uplink KiB", "downlink KiB"])
+    t = Table(f"seam_{kind.replace('-', '_')}", f"{kind} stream: device-measured VQA, mean ± std over seeds "
+              f"{', '.join(map(str, seeds))}", cols)
+    data = {}
+    for key, label, kinds in METHODS:
+        if kind not in kinds:
+            continue
+        per = [correct_of(res, key, kind, s) for s in seeds]
+        drifted = [mean(_pick(c, doms, drifted_pair(s))) for c, s in zip(per, seeds)]
+        pooled = [x for c, s in zip(per, seeds) for x in _pick(c, doms, drifted_pair(s))]
+        lo, hi = wilson(sum(pooled), len(pooled))
+        cells = [mean_std([mean(_pick(c, doms, (d,))) for c in per]) for d in DOMAINS]
+        cells += [mean_std(drifted), num(lo), num(hi)]
+        ups = [uplink[(kind, s)][{"pseudo": "uts", "cdcca": "uts", "cdcca_full": "uts"}.get(key, key)]
+               for s in seeds] if key not in ("source", "teacher") else None
+        cells += ([mean_std([u[0] for u in ups], "{:.0f}"), mean_std([u[1] / 1024 for u in ups], "{:.1f}")]
+                  if ups else [na("no uplink"), na("no uplink")])
+        t.add(label, cells + [_downlink(res, key, kind, seeds)])
+        data[key] = {"drifted_per_seed": drifted, "pooled_n": len(pooled), "wilson": [lo, hi]}
+    n = sorted(set(n_per_domain.values()))
+    t.notes = [
+        f"Each seed s has its own chat stream (scene generator seed {chat_seed(0)}+s), answered by the device "
+        "(llama.cpp, q4_0) with the product's UTS deciding, and its own AKD seed; the drifted pair of seed s is "
+        + "; ".join(f"s{s}: {'+'.join(drifted_pair(s))}" for s in seeds) + ".",
+        f"Accuracy: llama.cpp on the GGUF pair each row would ship, on the build's held-out eval file "
+        f"({', '.join(map(str, n))} VQA questions per domain"
+        + (", fewer than the design's 300: this profile trades interval width for time" if min(n) < 300 else "")
+        + "); the drifted CI is the 95 % Wilson interval of all seeds' drifted-domain questions pooled.",
+        "Rows without a DWC budget ship every changed row, re-quantized to q4_0 by DWC (measured on the device "
+        "like CDCCA); the teacher is an HF checkpoint and is torch-measured.",
+    ]
+    return t, data
+
+
+def paired(res, a: str, b: str, kind: str, seeds: list[int], keep=None) -> tuple[float, float, float]:
+    """Paired bootstrap of a - b over every (seed, question) of the drifted domains (or ``keep``)."""
+    doms = res["base"]["domains"]
+    xa, xb = [], []
+    for s in seeds:
+        k = keep or drifted_pair(s)
+        xa += _pick(correct_of(res, a, kind, s), doms, k)
+        xb += _pick(correct_of(res, b, kind, s), doms, k)
+    return paired_bootstrap(xa, xb, seed=0)
+
+
+def build(res: dict, seeds: list[int], uplink: dict, prof) -> Section:
+    sec = Section("accuracy", "1. Accuracy after one round on the family seam (device-measured)")
+    doms = res["base"]["domains"]
+    n_per = {d: doms.count(d) for d in DOMAINS}
+    data = {}
+    for kind in STREAMS:
+        t, data[kind] = stream_table(res, kind, seeds, uplink, n_per)
+        sec.tables.append(t)
+    w = Table("seam_wins", "Paired differences on the drifted domains (all seeds' questions paired), 95 % bootstrap CI",
+              ["comparison", "difference", "95% CI low", "95% CI high"])
+    comps = [("drift", "cdcca", b, f"CDCCA - {b}") for b in BASELINES] + [
+        ("all-target", "cdcca", "source", "CDCCA - source (all-target stream)"),
+        ("all-target", "cdcca", "random", "CDCCA - random (all-target stream)"),
+        ("drift", "cdcca_full", "random", "UTS - random at equal bytes (both AKD, every row shipped)"),
+        ("drift", "cdcca_full", "pseudo", "AKD all terms - CE on pseudo-labels (both UTS, every row shipped)"),
+        ("drift", "oracle", "source", "oracle - source")]
+    for kind, a, b, label in comps:
+        d, lo, hi = paired(res, a, b, kind, seeds)
+        w.add(label, [num(d), num(lo), num(hi)])
+        win = lo > 0
+        s = (f"{label}: {pts(d)} (95 % CI {pts(lo)} .. {pts(hi)}) -- "
+             + ("a win (the interval excludes 0)" if win else "NOT a win (the interval includes 0 or is below it)"))
+        if a == "cdcca" and kind == "drift":
+            s += f"; issue 12's bar of +{100 * WIN_PTS:.0f} pts is {'met' if d >= WIN_PTS and win else 'not met'}"
+        sec.findings.append(s + ".")
+        if not win and a in ("cdcca", "cdcca_full"):
+            sec.not_beaten.append(s + ".")
+    d, lo, hi = paired(res, "cdcca", "source", "drift", seeds, keep=("source",))
+    w.add("CDCCA - source on the source domain (forgetting)", [num(d), num(lo), num(hi)])
+    sec.findings.append(f"Source domain after CDCCA vs as shipped: {pts(d)} (95 % CI {pts(lo)} .. {pts(hi)}).")
+    sec.tables.append(w)
+    _derived(sec, res, data["drift"], seeds)
+    sec.tables[0].notes.append("Not implemented in this path yet: the full fine-tune on ground truth (capacity "
+                               "ceiling) row, the ablation and continual-round sections, transmission/fleet/device "
+                               "sections (the legacy TinyLlava bench still has them).")
+    sec.data = {"streams": data, "eval_per_domain": n_per, "seeds": seeds}
+    return sec
+
+
+def _derived(sec: Section, res: dict, drift: dict, seeds: list[int]) -> None:
+    m = {k: mean(v["drifted_per_seed"]) for k, v in drift.items()}
+    gap = m["teacher"] - m["source"]
+    if abs(gap) > 1e-9:
+        sec.findings.append(f"CDCCA closes {100 * (m['cdcca'] - m['source']) / gap:.0f} % of the student-teacher gap "
+                            f"on the drifted domains ({m['source']:.3f} -> {m['cdcca']:.3f} vs teacher {m['teacher']:.3f}).")
+    sec.findings.append(f"The oracle reaches {m['oracle']:.3f} on the drifted domains vs the student's {m['source']:.3f} "
+                        f"({pts(m['oracle'] - m['source'])}): the headroom of these adapters with perfect labels.")
+    pair = res["base"]["gguf_pair_bytes"]
+    pb = mean([res[f"drift-cdcca-s{s}"]["patches"][str(DEFAULT_BUDGET)]["bytes"] for s in seeds])
+    sec.findings.append(f"The CDCCA patch is {pb / 1024:.1f} KiB = {100 * pb / pair:.2f} % of the device GGUF pair "
+                        f"({pair / 2 ** 20:.2f} MiB).")
+    doms = res["base"]["domains"]
+    fp = mean([mean(_pick(res[f"drift-cdcca-s{s}"]["full_precision"], doms, drifted_pair(s))) for s in seeds])
+    for what, ref in (("full-precision merged update (torch)", fp), ("every-row q4_0 patch (device)", m["cdcca_full"])):
+        g = ref - m["source"]
+        sec.findings.append(f"Gain kept by the 48 KiB patch vs the {what}: "
+                            + (f"{100 * (m['cdcca'] - m['source']) / g:.0f} % ({pts(m['cdcca'] - m['source'])} of "
+                               f"{pts(g)})." if g > 1e-9 else f"n/a, that update gains {pts(g)} (nothing to keep)."))
+    sd = seed_interval(drift["cdcca"]["drifted_per_seed"])
+    sec.findings.append(f"CDCCA's drifted mean over seeds: {sd[0]:.3f} (95 % t-interval {sd[1]:.3f} .. {sd[2]:.3f}, "
+                        f"std {std(drift['cdcca']['drifted_per_seed']):.3f}).")
+
+
+def run_seam_bench(profile: str = "quick", out: Path = Path("results"), seeds: int | None = None,
+                   workers: int | None = None, model_dir: Path = Path("assets/default-hf"),
+                   command: str = "cdcca bench", keep_work: bool = False) -> Path:
+    t0 = time.time()
+    prof = PROFILES[profile].with_seeds(seeds)
+    prof = replace(prof, workers=workers) if workers is not None else prof
+    out, model_dir = Path(out), Path(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="cdcca-bench-seam-"))
+    meta = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": env.machine(), "versions": env.versions(), "profile": asdict(prof), "timings": {}}
+    ss = seeds_of(prof)
+    try:
+        t, jobs, uplink = time.time(), [dict(kind="base", name="base")], {}
+        dm = device_model(model_dir)
+        n = prof.chats_per_domain * len(DOMAINS)
+        for s in ss:
+            for kind in STREAMS:
+                st = run_chats(stream_samples(kind, s, n), home=work / f"chat-{kind}-{s}", model=dm, seed=s)
+                log(f"seed {s} {kind}: {len(st.chats)} chats on the device, UTS kept {len(st.kept_samples)}", t0)
+                jobs += stream_jobs(prof, kind, s, st, work, uplink)
+        meta["timings"]["chat streams (device)"] = time.time() - t
+        t = time.time()
+        log(f"{len(jobs)} training/evaluation jobs on {prof.workers} worker(s)", t0)
+        with Runner(model_dir, prof.eval_n, prof.replay_n, prof.workers) as r:
+            res = r.run(jobs, lambda x: log(f"job {x['name']} done in {x['seconds']:.0f}s", t0))
+        meta["timings"]["training + device evaluation jobs"] = time.time() - t
+        t = time.time()
+        sec = build(res, ss, uplink, prof)
+        sec.compute_s = sum(x["seconds"] for x in res.values())
+        sec.seconds = time.time() - t
+        meta["seeds_text"] = (f"reported seeds {', '.join(map(str, ss))} (seed 0 is the development seed, never "
+                              f"reported); chat streams {', '.join(str(chat_seed(s)) for s in ss)} (scene generator), "
+                              f"AKD seeds = the seed, random-selection seeds 10000+seed; models: {model_dir} "
+                              "(eval split = the build's data/eval.json, scene seed 1000).")
+        meta["wall_s"] = time.time() - t0
+        meta["timings"]["total"] = meta["wall_s"]
+        md, _ = report.write(out, meta, {"accuracy": sec})
+        log(f"wrote {md} ({meta['wall_s'] / 60:.1f} min)", t0)
+        return md
+    finally:
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+

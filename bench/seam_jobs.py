@@ -1,0 +1,221 @@
+"""The benchmark's chat streams and training jobs on the family seam (an HF build folder such as
+assets/default-hf), per docs/bench/README.md "Benchmark design (fixed before tuning)".
+
+Every accuracy is measured on the device: llama.cpp on the GGUF pair the row would ship (the
+trained update written into a copy of the device files by DWC and the device's own patch path;
+"unlimited" = every changed row, re-quantized to the device's type), scored per question so two
+rows can be compared *paired*.  The teacher is an HF checkpoint, never a device model: its row is
+torch-measured (it is an upper bound, not a product number).
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .chats import DEVICE_QUANT, TARGETS
+
+DRIFT_SOURCE_FRACTION = 0.7  # the drift stream: 70 % source chats, 30 % the round's drifted domains
+PAIRS = tuple(itertools.combinations(TARGETS, 2))  # the two drifted domains of a round
+CHAT_SEED_BASE = 5000  # scenes: student/teacher training use build seed + 0..7, eval + 1000, replay + 4000
+
+_W: dict = {}
+
+
+def is_hf_build(model_dir: Path) -> bool:
+    """An HF default build folder (teacher/ checkpoint beside the device GGUFs): the seam's bench."""
+    return (Path(model_dir) / "teacher" / "config.json").is_file()
+
+
+def drifted_pair(seed: int) -> tuple[str, str]:
+    """Seed s drifts the (s-1)-th pair: the seeds cycle through the pairs, none chosen by hand."""
+    return PAIRS[(seed - 1) % len(PAIRS)]
+
+
+def chat_seed(seed: int) -> int:
+    return CHAT_SEED_BASE + seed
+
+
+def stream_samples(kind: str, seed: int, n: int):
+    """``n`` generated chats of one stream, shuffled: ``drift`` = 70 % source + 30 % split over the
+    seed's drifted pair; ``all-target`` = every chat from the drifted pair."""
+    from cloud.zoo import scenes
+
+    pair = drifted_pair(seed)
+    n_src = int(round(DRIFT_SOURCE_FRACTION * n)) if kind == "drift" else 0
+    n_t = n - n_src
+    per = [n_t // 2 + (1 if i < n_t % 2 else 0) for i in range(2)]
+    salt = 0 if kind == "drift" else 50
+    flat = scenes.generate("source", n_src, chat_seed(seed) + salt) if n_src else []
+    for d, k in zip(pair, per):
+        flat += scenes.generate(d, k, chat_seed(seed) + salt)
+    order = np.random.default_rng([chat_seed(seed), salt]).permutation(len(flat))
+    return [flat[i] for i in order]
+
+
+def device_model(model_dir: Path):
+    """The shipped device pair of the build as a DeviceModel (its own feature statistics for UTS)."""
+    from device.contracts.feature_stats import FEATURE_STATS_FILE, FeatureStats
+    from device.contracts.model_id import model_id
+    from device.models import DeviceModel, bundled_files
+
+    m, p = bundled_files(DEVICE_QUANT, Path(model_dir))
+    sp = Path(model_dir) / FEATURE_STATS_FILE
+    return DeviceModel(m, p, model_id({"model": m, "mmproj": p}), FeatureStats.load(sp) if sp.is_file() else None,
+                       None, None)
+
+
+def equal_bytes_index(sizes: list[int], budget: int, seed: int) -> list[int]:
+    """Random chats (seeded) added while the uplink stays within ``budget`` bytes: the random
+    baseline ships as many bytes as UTS did, not as many samples."""
+    order = np.random.default_rng(10_000 + seed).permutation(len(sizes))
+    out, used = [], 0
+    for i in order:
+        if used + sizes[i] <= budget:
+            out.append(int(i))
+            used += sizes[i]
+    return sorted(out)
+
+
+# ---------------------------------------------------------------- worker side
+def eval_set(path: Path, per_domain: int | None):
+    """The build's held-out eval file, VQA records only (captions are not in the drifted mean),
+    the first ``per_domain`` of each domain."""
+    from device.contracts.dataset import read_llava
+
+    seen: dict[str, int] = {}
+    out = []
+    for q in read_llava(path):
+        d = str(q.meta.get("domain"))
+        if q.meta.get("task") != "caption" and seen.get(d, 0) < (per_domain or 10 ** 9):
+            out.append(q)
+            seen[d] = seen.get(d, 0) + 1
+    return out
+
+
+def init_worker(model_dir: str, eval_n: int, replay_n: int, threads: int = 1) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from cloud.families import family_for
+    from cloud.round_job import HFAssets, read_replay
+    from device.models import bundled_files
+
+    torch.set_num_threads(threads)
+    m, p = bundled_files(DEVICE_QUANT, Path(model_dir))
+    files = {"model": m, "mmproj": p}
+    fam = family_for(m, p)
+    twin = fam.load_twin(m, p)
+    assets = HFAssets.embedded(Path(model_dir))
+    size = twin.meta["geometry"].image_size
+    qas = eval_set(assets.eval_path, eval_n)
+    from device.contracts.image import load_image
+
+    _W.update(files=files, fam=fam, twin=twin, teacher=assets.teacher(), size=size, threads=threads, qas=qas,
+              images=[load_image(q.image, size) for q in qas], replay=read_replay(assets.replay_path, size, replay_n))
+
+
+def device_correct(files: dict[str, Path]) -> list[float]:
+    """Per-question exact match of llama.cpp on ``files`` (device.evaluate, the product's scorer)."""
+    from device.contracts.metrics import exact
+    from device.evaluate import evaluate
+    from device.runtime import Runtime, RuntimeConfig
+
+    qas = _W["qas"]
+    with Runtime(RuntimeConfig(Path(files["model"]), files.get("mmproj"), n_threads=_W["threads"])) as rt:
+        answers = evaluate(rt, qas)["answers"]
+    return [exact(a, q.answer) for a, q in zip(answers, qas)]
+
+
+def _base(spec: dict) -> dict:
+    from device.contracts.metrics import exact
+
+    qas = _W["qas"]
+    t_ans = _W["teacher"].answer(_W["images"], [q.question for q in qas])
+    return {"student": device_correct(_W["files"]), "teacher": [exact(a, q.answer) for a, q in zip(t_ans, qas)],
+            "domains": [str(q.meta.get("domain")) for q in qas],
+            "gguf_pair_bytes": sum(Path(p).stat().st_size for p in _W["files"].values())}
+
+
+def _train(spec: dict) -> dict:
+    """Labels (teacher answers, or ground truth for the oracle) -> AKD on the seam -> for each
+    downlink budget a DWC patch applied to a copy of the device files -> device-measured accuracy."""
+    from cloud.akd import AKDConfig, distil_twin
+    from cloud.dwc import DWCConfig, apply_to_copy, compress, fisher_diag
+    from cloud.round_job import distill_set
+    from device.contracts.metrics import exact
+
+    fam, twin, teacher, files = _W["fam"], _W["twin"], _W["teacher"], _W["files"]
+    dset = distill_set(spec["samples"], _W["size"])
+    if spec["labels"] == "truth":
+        if len(spec["truths"]) != len(dset):
+            raise ValueError("oracle: ground truths do not line up with the distilled samples")
+        dset.labels = list(spec["truths"])
+    else:
+        dset.labels = teacher.answer(dset.images, dset.questions)
+    t = time.perf_counter()
+    merged, stats = distil_twin(twin, teacher, dset, _W["replay"], AKDConfig(**spec["akd"]))
+    out = {"akd": stats, "distil_seconds": time.perf_counter() - t, "n_samples": len(dset), "patches": {}}
+    fisher = None
+    if any(b is not None for b in spec["budgets"]):
+        ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]
+        fisher = fisher_diag(merged, twin, ex, DWCConfig().fisher_batches)
+    work = Path(spec["work"])
+    for b in spec["budgets"]:
+        key = "unlimited" if b is None else str(b)
+        res = compress(merged, twin, files, work / f"{spec['name']}-{key}.gguf", DWCConfig(budget_bytes=b),
+                       f"bench-{spec['name']}", "", fisher if b is not None else None)
+        pfiles, scratch = apply_to_copy(files, res.patch_path)
+        try:
+            out["patches"][key] = {"bytes": res.patch_bytes, "rows": res.rows_patched,
+                                   "importance_kept": res.selected_importance_frac, "correct": device_correct(pfiles)}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if spec.get("full_precision"):  # the merged update in torch: what the patch's "gain kept" is measured against
+        qas = _W["qas"]
+        ans = [fam.decode(twin, fam.generate(twin, fam.example(twin, q.question, im), model=merged))
+               for im, q in zip(_W["images"], qas)]
+        out["full_precision"] = [exact(a, q.answer) for a, q in zip(ans, qas)]
+    return out
+
+
+def run_job(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    out = {"base": _base, "train": _train}[spec["kind"]](spec)
+    out.update(name=spec["name"], seconds=time.perf_counter() - t0)
+    return out
+
+
+class Runner:
+    """``with Runner(...) as r: r.run(jobs)``: spawned workers, one torch thread each; every job is
+    seeded, so results do not depend on scheduling.  ``workers <= 1`` runs in this process."""
+
+    def __init__(self, model_dir: Path, eval_n: int, replay_n: int, workers: int = 2):
+        self.args, self.workers, self.pool = (str(model_dir), eval_n, replay_n, 1), workers, None
+
+    def __enter__(self) -> "Runner":
+        if self.workers > 1:
+            self.pool = mp.get_context("spawn").Pool(self.workers, init_worker, self.args)
+        else:
+            init_worker(*self.args)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.close() if exc[0] is None else self.pool.terminate()
+            self.pool.join()
+
+    def run(self, jobs: list[dict], on_done: Callable[[dict], None] | None = None) -> dict[str, dict]:
+        out = {}
+        it = self.pool.imap_unordered(run_job, jobs) if self.pool is not None else map(run_job, jobs)
+        for res in it:
+            out[res["name"]] = res
+            if on_done is not None:
+                on_done(res)
+        return out
