@@ -17,14 +17,20 @@ from .families import Twin, collate
 
 
 def fidelity(twin: Twin, files: dict[str, Path], probes: Sequence[tuple[np.ndarray | None, str]],
-             max_tokens: int = 8, threads: int = 1, model: torch.nn.Module | None = None) -> dict:
+             max_tokens: int = 8, threads: int = 1, model: torch.nn.Module | None = None,
+             kv_cache: str | None = None) -> dict:
     """``{"n", "greedy_agreement", "max_logit_gap", "device_answers", "twin_answers"}`` for the
-    device files ``files`` and the twin (or ``model`` with the twin's layout)."""
+    device files ``files`` and the twin (or ``model`` with the twin's layout).  The device runs
+    with its own default configuration (f16 KV cache) unless ``kv_cache`` says otherwise: the
+    figure is about what the user's device does, not a parity setup."""
     from device.runtime import Runtime, RuntimeConfig
 
     fam, m = twin.family, model or twin.model
     gaps, agree, dev_ans, twin_ans = [], 0, [], []
-    with Runtime(RuntimeConfig(Path(files["model"]), files.get("mmproj"), n_threads=threads, kv_cache="f32")) as rt:
+    cfg = RuntimeConfig(Path(files["model"]), files.get("mmproj"), n_threads=threads)
+    if kv_cache is not None:
+        cfg.kv_cache = kv_cache
+    with Runtime(cfg) as rt:
         for img, q in probes:
             steps: list[np.ndarray] = []
             gen = rt.generate(q, img, max_tokens=max_tokens, logits_hook=lambda lg: steps.append(np.array(lg)))
