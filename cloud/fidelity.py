@@ -47,3 +47,33 @@ def fidelity(twin: Twin, files: dict[str, Path], probes: Sequence[tuple[np.ndarr
     n = len(probes)
     return {"n": n, "greedy_agreement": agree / n if n else float("nan"),
             "max_logit_gap": max(gaps) if gaps else float("nan"), "device_answers": dev_ans, "twin_answers": twin_ans}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cloud.fidelity BUILD_DIR [N]``: device-vs-twin figures for every
+    ``student-*.gguf`` of a build folder (with its ``mmproj-f32.gguf``) on the first N eval images."""
+    import sys
+    import time
+
+    from device.contracts.dataset import read_llava
+    from device.contracts.image import load_image
+
+    from .families import family_for
+
+    args = sys.argv[1:] if argv is None else argv
+    build, n = Path(args[0]), int(args[1]) if len(args) > 1 else 40
+    torch.set_num_threads(1)
+    every = read_llava(build / "data" / "eval.json")
+    qas = every[:: max(1, len(every) // n)][:n]  # spread over the file's domains
+    mmproj = build / "mmproj-f32.gguf"
+    for model in sorted(build.glob("student-*.gguf")):
+        t = time.time()
+        twin = family_for(model, mmproj).load_twin(model, mmproj)
+        size = twin.meta["geometry"].image_size
+        f = fidelity(twin, {"model": model, "mmproj": mmproj}, [(load_image(q.image, size), q.question) for q in qas])
+        print(f"{model.name}: family {twin.family.name}, greedy agreement {f['greedy_agreement']:.3f} "
+              f"(n={f['n']}), max logit gap {f['max_logit_gap']:.4f}, {time.time() - t:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
