@@ -27,6 +27,7 @@ class Profile:
     memcpy_mib: int
     workers: int = 2  # training processes, one torch thread each
     seam_seeds: int = 0  # reported seeds 1..k of the family-seam bench (0 = ``seeds``); docs/bench design
+    seam_eval_n: int = 300  # family-seam bench: held-out VQA questions per domain, device-measured
     fleet_restart_s: float = 15.0  # cloud API down this long mid-upload (issue 11)
     fleet_round_s: float = 3.0  # the fleet's synthetic round, per worker
     fleet_round_devices: int = 8  # devices requesting a round at the same moment
@@ -42,7 +43,7 @@ PROFILES = {
     "tiny": Profile("tiny", seeds=1, chats_per_domain=10, steps=4, batch_size=16, eval_n=12, replay_n=200,
                     ablation_seeds=1, continual_domains=("noise",), continual_chats=10, fleet_devices=2,
                     fleet_samples=6, fleet_batch=2, perf_prompts=6, perf_reps=1, transfer_reps=1, memcpy_mib=16,
-                    fleet_restart_s=1.0, fleet_round_s=0.5, fleet_round_devices=2),
+                    fleet_restart_s=1.0, fleet_round_s=0.5, fleet_round_devices=2, seam_eval_n=12),
     "quick": Profile("quick", seeds=2, chats_per_domain=100, steps=100, batch_size=48, eval_n=200, replay_n=4000,
                      ablation_seeds=1, continual_domains=("noise", "texture", "combo"), continual_chats=100,
                      fleet_devices=8, fleet_samples=50, fleet_batch=5, perf_prompts=60, perf_reps=3,

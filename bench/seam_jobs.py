@@ -24,6 +24,7 @@ from .chats import DEVICE_QUANT, TARGETS
 DRIFT_SOURCE_FRACTION = 0.7  # the drift stream: 70 % source chats, 30 % the round's drifted domains
 PAIRS = tuple(itertools.combinations(TARGETS, 2))  # the two drifted domains of a round
 CHAT_SEED_BASE = 5000  # scenes: student/teacher training use build seed + 0..7, eval + 1000, replay + 4000
+FULL_FT_SEED = 6000  # the capacity ceiling's ground-truth training scenes
 
 _W: dict = {}
 
@@ -147,7 +148,7 @@ def _train(spec: dict) -> dict:
     """Labels (teacher answers, or ground truth for the oracle) -> AKD on the seam -> for each
     downlink budget a DWC patch applied to a copy of the device files -> device-measured accuracy."""
     from cloud.akd import AKDConfig, distil_twin
-    from cloud.dwc import DWCConfig, apply_to_copy, compress, fisher_diag
+    from cloud.dwc import DWCConfig, fisher_diag
     from cloud.round_job import distill_set
     from device.contracts.metrics import exact
 
@@ -168,15 +169,10 @@ def _train(spec: dict) -> dict:
         fisher = fisher_diag(merged, twin, ex, DWCConfig().fisher_batches)
     work = Path(spec["work"])
     for b in spec["budgets"]:
-        key = "unlimited" if b is None else str(b)
-        res = compress(merged, twin, files, work / f"{spec['name']}-{key}.gguf", DWCConfig(budget_bytes=b),
-                       f"bench-{spec['name']}", "", fisher if b is not None else None)
-        pfiles, scratch = apply_to_copy(files, res.patch_path)
-        try:
-            out["patches"][key] = {"bytes": res.patch_bytes, "rows": res.rows_patched,
-                                   "importance_kept": res.selected_importance_frac, "correct": device_correct(pfiles)}
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        out["patches"][_bkey(b)] = _patch_eval(spec["name"], merged, b, fisher if b is not None else None, work)
+    if spec.get("nofisher_budget"):  # DWC ablation: the same budget ranked by relative update norm
+        b = spec["nofisher_budget"]
+        out["patches"][f"{b}-nofisher"] = _patch_eval(spec["name"] + "-nf", merged, b, None, work)
     if spec.get("full_precision"):  # the merged update in torch: what the patch's "gain kept" is measured against
         qas = _W["qas"]
         ans = [fam.decode(twin, fam.generate(twin, fam.example(twin, q.question, im), model=merged))
@@ -185,9 +181,61 @@ def _train(spec: dict) -> dict:
     return out
 
 
+def _bkey(budget: int | None) -> str:
+    return "unlimited" if budget is None else str(budget)
+
+
+def _patch_eval(name: str, merged, budget: int | None, fisher, work: Path) -> dict:
+    """DWC patch of ``merged`` under ``budget``, applied to a copy of the device files through the
+    device's own patch path, measured there by llama.cpp."""
+    from cloud.dwc import DWCConfig, apply_to_copy, compress
+
+    res = compress(merged, _W["twin"], _W["files"], work / f"{name}-{_bkey(budget)}.gguf",
+                   DWCConfig(budget_bytes=budget), f"bench-{name}", "", fisher)
+    pfiles, scratch = apply_to_copy(_W["files"], res.patch_path)
+    try:
+        return {"bytes": res.patch_bytes, "rows": res.rows_patched, "importance_kept": res.selected_importance_frac,
+                "correct": device_correct(pfiles)}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _full_ft(spec: dict) -> dict:
+    """The capacity ceiling: every weight of the student fine-tuned (CE) on ground truth of fresh
+    scenes of all domains, shipped in full (every changed row, q4_0), measured on the device."""
+    import copy
+
+    import torch
+
+    from cloud.families import collate
+    from cloud.zoo import scenes
+    from device.contracts.image import decode_image
+
+    from .chats import DOMAINS, png_bytes
+
+    fam, twin = _W["fam"], _W["twin"]
+    data = [s for d in DOMAINS for s in scenes.generate(d, spec["n_per_domain"], spec["scene_seed"])]
+    ex = [fam.example(twin, s.question, decode_image(png_bytes(s.image), _W["size"], "scene"), s.answer) for s in data]
+    torch.manual_seed(spec["seed"])
+    rng = np.random.default_rng(spec["seed"])
+    model = copy.deepcopy(twin.model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+    t = time.perf_counter()
+    for _ in range(spec["steps"]):
+        b = collate([ex[i] for i in rng.integers(0, len(ex), spec["batch_size"])], twin.meta.get("pad_id", 0))
+        loss = model(**b).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+    return {"train_seconds": time.perf_counter() - t, "final_loss": float(loss.item()), "n_train": len(ex),
+            "patches": {"unlimited": _patch_eval(spec["name"], model, None, None, Path(spec["work"]))}}
+
+
 def run_job(spec: dict) -> dict:
     t0 = time.perf_counter()
-    out = {"base": _base, "train": _train}[spec["kind"]](spec)
+    out = {"base": _base, "train": _train, "full_ft": _full_ft}[spec["kind"]](spec)
     out.update(name=spec["name"], seconds=time.perf_counter() - t0)
     return out
 
