@@ -109,8 +109,8 @@ def _drop_patches(store: Store, kept: set[str], dry_run: bool) -> int:
 
 
 def _orphan_blobs(store: Store, max_age_s: float, dry_run: bool) -> int:
-    """Blobs no sample row and no kept patch points at (local blob folders only: object stores
-    have their own lifecycle rules)."""
+    """Blobs no sample row and no kept patch points at, and temp files of interrupted writes
+    (local blob folders only: object stores have their own lifecycle rules)."""
     if store.blobs.url is not None:
         return 0
     with store.engine.connect() as conn:
@@ -118,6 +118,11 @@ def _orphan_blobs(store: Store, max_age_s: float, dry_run: bool) -> int:
         used |= set(conn.execute(select(rounds.c.patch_sha256).where(
             rounds.c.patch_path.is_not(None))).scalars())
     n = 0
+    for tmp in store.blobs.root.glob("??/.*.tmp"):  # a write_atomic that died mid-write
+        if not _young(tmp, max_age_s):
+            n += 1
+            if not dry_run:
+                tmp.unlink(missing_ok=True)
     for sha in store.blobs.shas() - used:
         if not _young(store.blobs.path_for(sha), max_age_s):
             n += 1

@@ -44,6 +44,9 @@ def test_keeps_last_n_rounds_per_device_and_drops_the_rest(tmp_path: Path) -> No
     _done_round(store, "b", other, other, b"b's patch")
     orphan = store.blobs.put(b"nobody's")
     os.utime(store.blobs.path_for(orphan), (0, 0))
+    torn = store.blobs.path_for(orphan).parent / f".{orphan}.abc.tmp"  # a write that died
+    torn.write_bytes(b"half")
+    os.utime(torn, (0, 0))
 
     dry = collect(settings, store, registry, dry_run=True)
     assert sorted(dry.models) == sorted(chain[:2]) and registry.get(chain[0]) is not None
@@ -51,7 +54,8 @@ def test_keeps_last_n_rounds_per_device_and_drops_the_rest(tmp_path: Path) -> No
     # a's last two rounds used v2 -> v3 and v3 -> v4: v0 and v1 go; b is untouched
     assert sorted(report.models) == sorted(chain[:2])
     assert [m for m in chain if registry.get(m)] == chain[2:] and registry.get(other)
-    assert report.patches == 2 and report.blobs == 3  # two old patches + the orphan
+    assert report.patches == 2 and report.blobs == 4  # two old patches, the orphan, the torn write
+    assert not torn.exists()
     assert store.round_patch(rounds[0], "a") is None and store.round_patch(rounds[3], "a")
     assert store.blobs.exists(store.round_patch(rounds[3], "a").sha256)
     again = collect(settings, store, registry)
