@@ -43,15 +43,15 @@ def chat_seed(seed: int) -> int:
     return CHAT_SEED_BASE + seed
 
 
-def stream_samples(kind: str, seed: int, n: int):
+def stream_samples(kind: str, seed: int, n: int, drifted: tuple[str, ...] | None = None):
     """``n`` generated chats of one stream, shuffled: ``drift`` = 70 % source + 30 % split over the
-    seed's drifted pair; ``all-target`` = every chat from the drifted pair."""
+    drifted domains (default: the seed's pair); ``all-target`` = every chat from them."""
     from cloud.zoo import scenes
 
-    pair = drifted_pair(seed)
+    pair = drifted or drifted_pair(seed)
     n_src = int(round(DRIFT_SOURCE_FRACTION * n)) if kind == "drift" else 0
     n_t = n - n_src
-    per = [n_t // 2 + (1 if i < n_t % 2 else 0) for i in range(2)]
+    per = [n_t // len(pair) + (1 if i < n_t % len(pair) else 0) for i in range(len(pair))]
     salt = 0 if kind == "drift" else 50
     flat = scenes.generate("source", n_src, chat_seed(seed) + salt) if n_src else []
     for d, k in zip(pair, per):
@@ -118,7 +118,7 @@ def init_worker(model_dir: str, eval_n: int, replay_n: int, threads: int = 1) ->
     qas = eval_set(assets.eval_path, eval_n)
     from device.contracts.image import load_image
 
-    _W.update(files=files, fam=fam, twin=twin, teacher=assets.teacher(), size=size, threads=threads, qas=qas,
+    _W.update(model_dir=Path(model_dir), assets=assets, files=files, fam=fam, twin=twin, teacher=assets.teacher(), size=size, threads=threads, qas=qas,
               images=[load_image(q.image, size) for q in qas], replay=read_replay(assets.replay_path, size, replay_n))
 
 
@@ -235,7 +235,11 @@ def _full_ft(spec: dict) -> dict:
 
 def run_job(spec: dict) -> dict:
     t0 = time.perf_counter()
-    out = {"base": _base, "train": _train, "full_ft": _full_ft}[spec["kind"]](spec)
+    if spec["kind"] == "continual":
+        from .seam_continual import run_rounds as fn
+    else:
+        fn = {"base": _base, "train": _train, "full_ft": _full_ft}[spec["kind"]]
+    out = fn(spec)
     out.update(name=spec["name"], seconds=time.perf_counter() - t0)
     return out
 

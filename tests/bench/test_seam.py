@@ -60,7 +60,9 @@ def test_hf_build_is_detected(hf_default, tmp_path):
 def test_tiny_seam_report(tiny):
     md, js = tiny
     assert "## 1. Accuracy after one round on the family seam (device-measured)" in md
-    assert set(js["sections"]) == {"accuracy"}
+    assert set(js["sections"]) == {"accuracy", "continual"}
+    cont = {t["key"]: t for t in js["sections"]["continual"]["tables"]}["seam_continual"]
+    assert [r["label"] for r in cont["rows"]] == ["start (device as shipped)", "after round 1 (noise)"]
     sec = js["sections"]["accuracy"]
     tables = {t["key"]: t for t in sec["tables"]}
     drift, allt, wins = tables["seam_drift"], tables["seam_all_target"], tables["seam_wins"]
