@@ -78,7 +78,7 @@ PRESETS = {
         # A 4-px-patch teacher (16 tokens per image) learned far slower (0.61-0.67 after 1,500 steps).
         RoleConfig(dict(vision_dim=96, vision_layers=2, vision_heads=3, vision_mlp=384, patch=8, text_dim=128,
                         text_layers=2, text_heads=4, text_kv_heads=4, text_ffn=384),
-                   steps=1500, curriculum_steps=250)),
+                   steps=1500, curriculum_steps=250, polish_steps=1000, polish_lr=1.5e-3)),
 }
 
 
