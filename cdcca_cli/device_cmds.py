@@ -142,13 +142,18 @@ def _repl(sess, image: Path | None, show_uncertainty: bool) -> None:
 
 
 @app.command()
-def queue():
+def queue(
+    prune: bool = typer.Option(False, "--prune", help="free the stored payloads (images, prompts, "
+                               "distributions) of samples the cloud acknowledged; the counts stay"),
+):
     """What the device has kept for the uplink: pending samples, bytes, and the ratio to raw."""
     with one_line_errors():
         from device.contracts.config import load_settings
         from device.queue import Queue
 
         with Queue(load_settings().queue_path) as q:
+            if prune:
+                console.print(f"pruned the payloads of {q.prune_acknowledged()} acknowledged samples")
             st = q.stats()
         console.print(f"chats answered {st.chats_seen}; kept by UTS {st.total} "
                       f"(pending {st.pending}, sent {st.sent}, acknowledged {st.acknowledged})")
