@@ -106,6 +106,25 @@ def _device_eval(files: dict[str, Path], qas: list[QA], threads: int) -> dict:
     return {"vqa": res["vqa"], "domains": res["domains"]}
 
 
+def spread(qas: list, limit: int | None) -> list:
+    """The first ``limit`` records taken round-robin across domains (``meta["domain"]``).
+
+    Why: eval files are usually sorted by domain, so a plain ``[:limit]`` measured only the first
+    domain (source) and a round's before/after figure said nothing about the drifted ones."""
+    if limit is None or limit >= len(qas):
+        return list(qas)
+    groups: dict[str, list] = {}
+    for qa in qas:
+        groups.setdefault(str(qa.meta.get("domain", "")), []).append(qa)
+    out, i = [], 0
+    while len(out) < limit:
+        for g in groups.values():
+            if i < len(g) and len(out) < limit:
+                out.append(g[i])
+        i += 1
+    return out
+
+
 def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None, threads: int = 2) -> dict:
     """The RoundRunner: see module docstring. ``ctx`` is a cloud.rounds.RoundContext."""
     files = registry.get(ctx.base_model)
@@ -149,7 +168,7 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
     ctx.progress("evaluate", 0.88, "device-measured evaluation before / after, twin fidelity")
     patched, pfiles, scratch = patched_twin(files, res.patch_path)
     try:
-        eval_qas = read_llava(assets.eval_path)[:assets.eval_limit] if assets.eval_path else []
+        eval_qas = spread(read_llava(assets.eval_path), assets.eval_limit) if assets.eval_path else []
         probes = [(im, q.question) for im, q in zip(_images(eval_qas[:assets.probe_n], size), eval_qas)] or \
             [(dset.images[i], dset.questions[i]) for i in range(min(assets.probe_n, len(dset)))]
         metrics = {
