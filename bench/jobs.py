@@ -4,15 +4,15 @@ two single-threaded workers beat one two-threaded process (torch's thread pool s
 other load), and every job is seeded, so results do not depend on scheduling."""
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
+from .pool import JobPool
 
 _W: dict = {}
 
@@ -251,31 +251,6 @@ def _continual(spec: dict) -> dict:
     return {"rounds": rounds}
 
 
-class Runner:
-    """``with Runner(...) as r: results = r.run(jobs)``; ``workers <= 1`` runs in this process."""
-
-    def __init__(self, model_dir: Path, eval_n: int, replay_n: int, workers: int = 2):
-        self.args = (str(model_dir), eval_n, replay_n, 1)
-        self.workers = workers
-        self.pool = None
-
-    def __enter__(self) -> "Runner":
-        if self.workers > 1:
-            self.pool = mp.get_context("spawn").Pool(self.workers, init_worker, self.args)
-        else:
-            init_worker(*self.args)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.close() if exc[0] is None else self.pool.terminate()
-            self.pool.join()
-
-    def run(self, jobs: list[dict], on_done: Callable[[dict], None] | None = None) -> dict[str, dict]:
-        out = {}
-        it = self.pool.imap_unordered(run_job, jobs) if self.pool is not None else map(run_job, jobs)
-        for res in it:
-            out[res["name"]] = res
-            if on_done is not None:
-                on_done(res)
-        return out
+def Runner(model_dir: Path, eval_n: int, replay_n: int, workers: int = 2) -> JobPool:
+    """``with Runner(...) as r: results = r.run(jobs)``: this module's jobs on the shared pool."""
+    return JobPool(init_worker, run_job, (str(model_dir), eval_n, replay_n, 1), workers)

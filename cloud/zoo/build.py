@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from device.contracts.model_id import file_sha256 as sha256_file  # the one file hash
+
 from .model import TextConfig, TinyLlavaConfig, VisionConfig
 from .scenes import DOMAINS
 
@@ -215,14 +217,6 @@ def evaluate_pair(out: Path, cfg: BuildConfig, data_path: Path | None) -> dict:
     codec = data.Codec(load_tokenizer(out / "tokenizer.json"))
     ev = eval_split(cfg, data_path)
     return {r: evaluate.evaluate(load_pt(out / f"{r}.pt"), codec, ev) for r in ("student", "teacher")}
-
-
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build(preset: str | BuildConfig = "default", out: Path | None = None, data_path: Path | None = None,

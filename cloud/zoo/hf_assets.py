@@ -4,9 +4,10 @@ for UTS, and the replay/eval sets as LLaVA JSON + PNG (the data is an input, nev
 serve time)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+
+from device.contracts.model_id import file_sha256 as sha256_file  # the one file hash
 
 from .scenes import DOMAINS
 
@@ -150,14 +151,6 @@ def write_datasets(out: Path, cfg) -> dict[str, str]:
     ev = [s for d in DOMAINS for s in scenes.generate(d, cfg.eval_n, cfg.seed + 1000)]
     write_llava(root / "eval.json", records(ev, "eval"))
     return {"replay": "data/replay.json", "eval": "data/eval.json"}
-
-
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _accuracy_table(acc: dict) -> str:
