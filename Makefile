@@ -42,7 +42,7 @@ postgres:
 	            "(install Debian's postgresql package)" >&2; fi
 
 test: setup postgres
-	$(BIN)/python -m pytest -n 2 --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
 bench: setup
 	$(BIN)/cdcca bench --out results

@@ -77,7 +77,7 @@ def demo(
         img_dir = home / "images"
         img_dir.mkdir(parents=True, exist_ok=True)
         with LoopbackCloud(settings) as cloud:
-            console.print(f"cloud: {cloud.url} (loopback); teacher = embedded TinyLlava teacher")
+            console.print(f"cloud: {cloud.url} (loopback); teacher = the embedded HF Idefics3 teacher (assets/default/teacher)")
             client = CloudClient(cloud.url, cloud.add_device("demo-laptop"))
             ro = RoundOptions(steps=steps, downlink_budget_bytes=budget)
             opts = SyncOptions(ro, eval_per_domain=None)

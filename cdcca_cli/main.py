@@ -28,29 +28,18 @@ from . import models_cmds  # noqa: E402,F401  (models add/use/list)
 @models_app.command("build")
 def models_build(
     preset: str = typer.Option("default", help="tiny | default"),
-    data: Optional[Path] = typer.Option(None, "--data", help="train on your own LLaVA JSON instead of generated data"),
-    out: Optional[Path] = typer.Option(None, help="output folder (default: <home>/zoo/<preset>-<hash>)"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: <home>/zoo/<preset>)"),
     force: bool = typer.Option(False, "--force", help="rebuild even if a cached build matches"),
-    hf: bool = typer.Option(False, "--hf", help="the Hugging Face Idefics3 default (cloud/zoo/hf_build.py)"),
 ):
-    """Train the student + teacher pair, export the student to GGUF, report accuracies."""
+    """Train the embedded default (HF Idefics3 student + teacher on the generated world), convert the
+    student with llama.cpp's official converter, quantize it, report device-measured accuracies."""
     with one_line_errors():
-        from cloud.zoo.build import PRESETS, build
+        from cloud.zoo import hf_build
         from device.contracts.config import load_settings
 
-        if hf:
-            from cloud.zoo import hf_build
-
-            if data is not None:
-                raise ValueError("--data is not supported with --hf yet (the HF default trains on the generated world)")
-            if preset not in hf_build.PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(hf_build.PRESETS)}")
-            _print_manifest(hf_build.build(preset, out or load_settings().zoo_dir / f"hf-{preset}", force=force))
-            return
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        path = build(preset, out, data, progress=True, force=force, zoo_dir=load_settings().zoo_dir)
-        _print_manifest(path)
+        if preset not in hf_build.PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(hf_build.PRESETS)}")
+        _print_manifest(hf_build.build(preset, out or load_settings().zoo_dir / preset, force=force))
 
 
 @models_app.command("info")

@@ -84,16 +84,6 @@ class ReplaySet:
         return len(self.questions)
 
 
-def pseudo_label(teacher, *args, **kw) -> list[str]:
-    """The teacher's answers.  ``pseudo_label(Teacher, images, questions)``; the legacy TinyLlava
-    signature ``(teacher, codec, images, questions)`` still works until the default switch."""
-    if isinstance(teacher, Teacher):
-        return teacher.answer(*args, **kw)
-    from .akd_tinyllava import pseudo_label as legacy
-
-    return legacy(teacher, *args, **kw)
-
-
 def add_adapters(twin: Twin, cfg: AKDConfig):
     targets = twin.family.lora_targets(twin.model, cfg.parts)
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets)
@@ -131,18 +121,6 @@ def _ce(logits: torch.Tensor, ex: Sequence[Example]) -> tuple[torch.Tensor, list
     bi, pos = _answer_rows(ex)
     tgt = torch.tensor([e.labels[p + 1] for e, p in ((ex[b], p) for b, p in zip(bi, pos))])
     return F.cross_entropy(logits[bi, pos], tgt.to(logits.device)), bi, pos, tgt
-
-
-def distil(student, teacher, *args, **kw):
-    """Train adapters and return (MERGED student model, loss statistics).
-
-    ``distil(twin: Twin, teacher: Teacher, dset, replay, cfg, on_step, cancelled)``; the legacy
-    TinyLlava signature is dispatched to ``akd_tinyllava`` until the default switch."""
-    if isinstance(student, Twin):
-        return distil_twin(student, teacher, *args, **kw)
-    from .akd_tinyllava import distil as legacy
-
-    return legacy(student, teacher, *args, **kw)
 
 
 def distil_twin(twin: Twin, teacher: Teacher, dset: DistillSet, replay: ReplaySet | None, cfg: AKDConfig,

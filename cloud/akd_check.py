@@ -6,7 +6,7 @@ number of processes, the loss and the merged weights' checksum.
     accelerate launch --num_processes 2 -m cloud.akd_check [BUILD_DIR] # the same on a multi-GPU machine
     python -m cloud.akd_check [BUILD_DIR]                            # 1 process, same code
 
-BUILD_DIR defaults to the embedded default; a legacy TinyLlava folder runs the legacy check.
+BUILD_DIR defaults to the embedded default (assets/default).
 Measured on the 2-core machine (loaded by other jobs), HF default tiny preset, 20 steps:
 1 process -> loss 2.9878 (7 s); 2 processes -> loss 2.9856 (23 s; each rank draws its own
 batches, DDP averages the gradients).
@@ -26,8 +26,8 @@ from device.contracts.config import DEFAULT_MODEL_DIR
 def main(build: Path = DEFAULT_MODEL_DIR, steps: int = 20) -> None:
     torch.set_num_threads(1)
     if not (build / "teacher" / "config.json").is_file():
-        return _legacy(build, steps)
-    from .akd import AKDConfig, DistillSet, distil
+        raise SystemExit(f"{build}: not a cdcca build folder (no teacher/config.json)")
+    from .akd import AKDConfig, DistillSet, distil_twin
     from .families import family_for
     from .families.teacher import Teacher
     from .round_job import _images
@@ -40,23 +40,7 @@ def main(build: Path = DEFAULT_MODEL_DIR, steps: int = 20) -> None:
     qas = [q for q in read_llava(build / "data" / "eval.json") if q.meta.get("domain") == "noise"][:32]
     imgs, qs = _images(qas, twin.meta["geometry"].image_size), [q.question for q in qas]
     dset = DistillSet(np.stack(imgs), qs, teacher.answer(imgs, qs), [[0]] * len(qs))
-    merged, stats = distil(twin, teacher, dset, None, AKDConfig(steps=steps, batch_size=16))
-    _report(merged, stats)
-
-
-def _legacy(build: Path, steps: int) -> None:
-    from .akd import AKDConfig, DistillSet, distil, pseudo_label
-    from .zoo import scenes
-    from .zoo.build import load_pt
-    from .zoo.data import Codec
-    from .zoo.gguf_load import load_gguf_pair
-
-    twin, tok = load_gguf_pair(build / "student-q4_0.gguf", build / "mmproj-f32.gguf")
-    codec, teacher = Codec(tok), load_pt(build / "teacher.pt")
-    s = scenes.generate("noise", 64, 3)
-    imgs, qs = np.stack([x.image for x in s]), [x.question for x in s]
-    dset = DistillSet(imgs, qs, pseudo_label(teacher, codec, imgs, qs), [[0]] * len(qs))
-    merged, stats = distil(twin, teacher, codec, dset, None, AKDConfig(steps=steps, batch_size=16))
+    merged, stats = distil_twin(twin, teacher, dset, None, AKDConfig(steps=steps, batch_size=16))
     _report(merged, stats)
 
 

@@ -110,12 +110,8 @@ def select(blocks: list[Block], budget: int | None) -> list[Block]:
     return chosen
 
 
-def weight_updates(merged: torch.nn.Module, twin) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+def weight_updates(merged: torch.nn.Module, twin: Twin) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
     """{gguf_name: (role, new, delta)} in GGUF row order for every tensor whose weights changed."""
-    if not isinstance(twin, Twin):
-        from .dwc_tinyllava import weight_updates as legacy
-
-        return legacy(merged, twin)
     new, old = twin.family.gguf_state(twin, merged), twin.family.gguf_state(twin)
     out = {}
     for g, (role, arr) in new.items():
@@ -125,14 +121,10 @@ def weight_updates(merged: torch.nn.Module, twin) -> dict[str, tuple[str, np.nda
     return out
 
 
-def fisher_diag(model: torch.nn.Module, twin, data, n_batches: int, batch_size: int = 32,
+def fisher_diag(model: torch.nn.Module, twin: Twin, data, n_batches: int, batch_size: int = 32,
                 seed: int = 0) -> dict[str, np.ndarray]:
     """Diagonal empirical Fisher (mean squared gradient of the answer CE) per GGUF tensor, in
     GGUF row order.  ``data``: the round's :class:`~cloud.families.Example` list (with labels)."""
-    if not isinstance(twin, Twin):
-        from .dwc_tinyllava import fisher_diag as legacy
-
-        return legacy(model, twin, data, n_batches, batch_size, seed)
     from .akd import _ce
 
     maps = twin.family.row_maps(twin)
@@ -165,13 +157,9 @@ def _row_ranges(chosen: list[Block]) -> dict[str, list[tuple[int, int]]]:
     return ranges
 
 
-def compress(merged: torch.nn.Module, twin, files: dict[str, Path], out_path: Path, cfg: DWCConfig,
+def compress(merged: torch.nn.Module, twin: Twin, files: dict[str, Path], out_path: Path, cfg: DWCConfig,
              round_id: str, parent_version: str = "", fisher: dict | None = None) -> DWCResult:
     """Write the patch that moves the device from ``twin`` toward ``merged`` within the budget."""
-    if not isinstance(twin, Twin):
-        from .dwc_tinyllava import compress as legacy
-
-        return legacy(merged, twin, files, out_path, cfg, round_id, parent_version, fisher)
     updates = weight_updates(merged, twin)
     types = _types(files)
     old = {g: a for g, (_, a) in twin.family.gguf_state(twin).items() if g in updates}
@@ -213,9 +201,7 @@ def patched_twin(files: dict[str, Path], patch_path: Path | None):
     out, scratch = apply_to_copy(files, patch_path)
     try:
         fam = family_for(out["model"], out.get("mmproj"))
-    except ValueError:
-        from .dwc_tinyllava import patched_twin as legacy
-
+    except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
-        return legacy(files, patch_path)
+        raise
     return fam.load_twin(out["model"], out.get("mmproj")), out, scratch

@@ -5,10 +5,8 @@ family's targets, merged) -> Fisher -> DWC patch -> apply to a scratch copy (the
 verification path) -> device-measured evaluation (llama.cpp) before / after + twin fidelity ->
 register the new version.  Each arrow is one function call; nothing is read back that an
 earlier step could pass on.  The cloud is *given* its data: the teacher is an HF checkpoint dir,
-replay and evaluation sets are LLaVA-JSON files (``cdcca cloud serve --teacher --replay --eval``).
-
-Until the embedded default becomes an HF model, a device running the legacy TinyLlava pair is
-served by ``round_tinyllava`` (deleted at the default switch).
+replay and evaluation sets are LLaVA-JSON files (``cdcca cloud serve --teacher --replay --eval``);
+the embedded default is one such build folder (assets/default).
 """
 from __future__ import annotations
 
@@ -31,7 +29,6 @@ from .families.teacher import Teacher, check_compatible
 from .fidelity import fidelity
 from . import twin_eval
 from .registry import ModelRegistry
-from .round_tinyllava import CloudAssets  # legacy: bench/ and tests import it from here until the switch
 
 
 @dataclass
@@ -130,12 +127,6 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
     files = registry.get(ctx.base_model)
     if files is None:
         raise ValueError(f"the cloud has no copy of device model {ctx.base_model}; upload it first")
-    if isinstance(assets, EmbeddedAssets):
-        assets = assets.pick(files)
-    if not isinstance(assets, HFAssets):
-        from . import round_tinyllava
-
-        return round_tinyllava.run_round(ctx, registry, assets, akd, threads)
     torch.set_num_threads(threads)
     t0 = time.time()
     ctx.progress("load", 0.02, "rebuilding the device model from its GGUF")
@@ -203,37 +194,12 @@ def _fid(f: dict) -> dict:
     return {k: f[k] for k in ("n", "greedy_agreement", "max_logit_gap")}
 
 
-def _is_family_pair(files: dict[str, Path]) -> bool:
-    try:
-        family_for(files["model"], files.get("mmproj"))
-        return True
-    except FamilyError:
-        return False
-
-
-@dataclass
-class EmbeddedAssets:
-    """The embedded defaults while both exist: the HF build serves a pair a family recognizes,
-    the legacy TinyLlava assets the legacy pair (deleted at the lead's switch)."""
-
-    hf: HFAssets | None
-    legacy: object | None
-
-    def pick(self, files: dict[str, Path]):
-        if self.hf is not None and (self.legacy is None or _is_family_pair(files)):
-            return self.hf
-        if self.legacy is None:
-            raise FamilyError("this device model is no family's and the cloud has no legacy default for it")
-        return self.legacy
-
-
 def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: Path | None = None,
                 eval_set: Path | None = None):
     """The RoundRunner.  With ``teacher`` (an HF checkpoint dir): the family seam with the given
-    replay / eval files.  Without: the embedded defaults -- a device pair a family recognizes is
-    served with the HF default build (``model_dir`` if it is one, else ``assets/default-hf``:
-    its ``teacher/`` and ``data/``), the legacy TinyLlava pair by round_tinyllava."""
-    from device.contracts.config import ASSETS_DIR, DEFAULT_MODEL_DIR
+    replay / eval files.  Without: the embedded default build folder (``model_dir``, default
+    assets/default: its ``teacher/`` and the ``data/`` files its manifest names)."""
+    from device.contracts.config import DEFAULT_MODEL_DIR
 
     registry = ModelRegistry(settings.cloud_dir / "models")
     if teacher is not None:
@@ -245,9 +211,9 @@ def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: P
         assets = HFAssets(Path(teacher), Path(replay) if replay else None, Path(eval_set) if eval_set else None)
         return lambda ctx: run_round(ctx, registry, assets)
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
-    is_hf = lambda d: (d / "teacher" / "config.json").is_file() and (d / "manifest.json").is_file()  # noqa: E731
-    hf_dir = model_dir if is_hf(model_dir) else ASSETS_DIR / "default-hf"
-    assets = EmbeddedAssets(HFAssets.embedded(hf_dir) if is_hf(hf_dir) else None,
-                            None if is_hf(model_dir) else CloudAssets.embedded(model_dir))
+    if not ((model_dir / "teacher" / "config.json").is_file() and (model_dir / "manifest.json").is_file()):
+        raise FamilyError(f"{model_dir}: not a cdcca build folder (no teacher/config.json + manifest.json); "
+                          "pass --teacher DIR or run `cdcca models build`")
+    assets = HFAssets.embedded(model_dir)
     return lambda ctx: run_round(ctx, registry, assets)
 

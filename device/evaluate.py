@@ -11,7 +11,7 @@ import numpy as np
 
 from device.contracts.dataset import QA, read_llava
 from device.contracts.image import load_image
-from device.contracts.metrics import exact, token_f1
+from device.contracts.metrics import exact, token_f1, wilson
 from device.runtime import Runtime
 
 
@@ -30,7 +30,9 @@ def load_eval_set(path: Path, limit_per_domain: int | None = None) -> list[QA]:
 
 
 def evaluate(rt: Runtime, qas: list[QA], max_tokens: int = 16) -> dict:
-    """{"vqa": mean, "domains": {d: {"vqa": acc, "caption_f1": f1, "n": n}}, "answers": [...]}"""
+    """{"vqa": mean, "domains": {d: {"vqa", "vqa_n", "vqa_ci" (95 % Wilson), "caption_f1", "n",
+    "scores" (0/1 per VQA question, in eval-file order: two evaluations of one set pair up)}},
+    "answers": [...]}"""
     acc, cap = defaultdict(list), defaultdict(list)
     answers = []
     for q in qas:
@@ -43,6 +45,7 @@ def evaluate(rt: Runtime, qas: list[QA], max_tokens: int = 16) -> dict:
         else:
             acc[d].append(exact(pred, q.answer))
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
-    doms = {d: {"vqa": mean(acc[d]), "caption_f1": mean(cap[d]), "n": len(acc[d]) + len(cap[d])}
+    doms = {d: {"vqa": mean(acc[d]), "vqa_n": len(acc[d]), "vqa_ci": list(wilson(sum(acc[d]), len(acc[d]))),
+                "caption_f1": mean(cap[d]), "n": len(acc[d]) + len(cap[d]), "scores": [int(x) for x in acc[d]]}
             for d in sorted(set(acc) | set(cap))}
     return {"vqa": mean([x for v in acc.values() for x in v]), "domains": doms, "answers": answers}

@@ -35,7 +35,7 @@ from device.versions import VersionError
 
 Stage = Callable[[str, float, str], None]
 __all__ = ["STAGES", "NothingToLearn", "SyncOptions", "SyncReport", "run_sync"]
-DEFAULT_EVAL = DEFAULT_MODEL_DIR / "eval" / "eval.json"
+DEFAULT_EVAL = DEFAULT_MODEL_DIR / "data" / "eval.json"  # the default build manifest's data.eval
 INCOMING_PATCH = "incoming.gguf"  # the one patch being downloaded/applied (one sync at a time)
 
 

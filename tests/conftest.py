@@ -1,5 +1,5 @@
-"""Shared fixtures. The embedded default models ship in assets/default (built by
-`cdcca models build --out assets/default`); tests read them and never train big models."""
+"""Shared fixtures. The embedded default (an HF Idefics3 student + teacher and their GGUFs) ships in
+assets/default (built by `cdcca models build`); tests read it and never train big models."""
 from __future__ import annotations
 
 import os
@@ -21,7 +21,8 @@ def _isolated_home(tmp_path, monkeypatch):
 def assets() -> Path:
     d = DEFAULT_MODEL_DIR
     missing = [f for f in ("student-f32.gguf", "student-q8_0.gguf", "student-q4_0.gguf", "mmproj-f32.gguf",
-                           "student.pt", "teacher.pt", "tokenizer.json", "manifest.json") if not (d / f).is_file()]
+                           "student/config.json", "teacher/config.json", "data/eval.json", "data/replay.json",
+                           "manifest.json") if not (d / f).is_file()]
     assert not missing, f"embedded default models missing from {d}: {missing}"
     return d
 

@@ -249,7 +249,7 @@ def train_both(cfg: HFBuildConfig, cache: Path, progress: bool) -> dict[str, Pat
 
 
 # ---------------------------------------------------------------- build
-def build(preset: str | HFBuildConfig = "default", out: Path | str = "assets/default-hf", progress: bool = True,
+def build(preset: str | HFBuildConfig = "default", out: Path | str = "assets/default", progress: bool = True,
           force: bool = False, cache: Path | None = None) -> Path:
     """Build (or reuse) the HF default pair into ``out``; returns ``out`` (holding ``manifest.json``)."""
     from . import scenes
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description="build the HF Idefics3 default (student + teacher) into a folder")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    ap.add_argument("--out", default="assets/default-hf")
+    ap.add_argument("--out", default="assets/default")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
     print(build(a.preset, a.out, force=a.force))

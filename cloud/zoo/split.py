@@ -31,14 +31,6 @@ class Split:
         return Split(self.images[idx], [self.questions[i] for i in idx], [self.answers[i] for i in idx],
                      [self.domains[i] for i in idx], [self.tasks[i] for i in idx])
 
-    def batch(self, codec, idx, with_answers: bool = True):
-        """TinyLlava batch (transitional: goes away with cloud/zoo/model.py at the HF integration)."""
-        from .data import make_batch
-
-        idx = list(idx)
-        return make_batch(codec, self.images[idx], [self.questions[i] for i in idx],
-                          [self.answers[i] for i in idx] if with_answers else None)
-
 
 def from_samples(samples: list[Sample]) -> Split:
     return Split(np.stack([s.image for s in samples]), [s.question for s in samples], [s.answer for s in samples],

@@ -127,3 +127,23 @@ def accuracy_drop(before: Accuracy | None, after: Accuracy | None, tolerance: fl
 
 def _finite(x: float | None) -> bool:
     return x is not None and not math.isnan(float(x))
+
+
+def paired_gain(before: Any, after: Any, domains) -> tuple[float, float, float] | None:
+    """Mean per-question VQA gain from ``before`` to ``after`` (two ``device.evaluate`` results on
+    the same eval set) over ``domains``, with its paired-bootstrap 95 % interval; None if either
+    side lacks per-question scores.  A gain counts only when the interval excludes 0."""
+    from .metrics import paired_bootstrap
+
+    b, a = as_accuracy(before), as_accuracy(after)
+    if b is None or a is None:
+        return None
+    xs, ys = [], []
+    for d in domains:
+        sb = (b.domains[d].model_extra or {}).get("scores") if d in b.domains else None
+        sa = (a.domains[d].model_extra or {}).get("scores") if d in a.domains else None
+        if not sb or not sa or len(sb) != len(sa):
+            return None
+        xs += sa
+        ys += sb
+    return paired_bootstrap(xs, ys)

@@ -50,7 +50,7 @@ def test_one_shot_answers_with_uncertainty(image):
 
 @pytest.mark.parametrize("case", ["corrupt", "missing", "oversized", "model", "truncated", "mmproj", "no_image",
                                   "path_as_question"])
-def test_bad_input_is_one_line_and_queues_nothing(tmp_path, image, case):
+def test_bad_input_is_one_line_and_queues_nothing(tmp_path, image, case, request):
     home = Path(os.environ["CDCCA_HOME"])
     args = ["--image", str(image)]
     question = "what colour is the circle?"
@@ -76,15 +76,11 @@ def test_bad_input_is_one_line_and_queues_nothing(tmp_path, image, case):
         t = tmp_path / "t.gguf"
         t.write_bytes((DEFAULT_MODEL_DIR / "student-q4_0.gguf").read_bytes()[:5000])
         args += ["--model", str(t)]
-    elif case == "mmproj":
-        from cloud.zoo.gguf_export import export_mmproj
-        from cloud.zoo.model import TextConfig, TinyLlava, TinyLlavaConfig, VisionConfig
+    elif case == "mmproj":  # a real converter-written mmproj of another (narrower) Idefics3 model
         from device.contracts.config import DEFAULT_MODEL_DIR
 
-        other = TinyLlava(TinyLlavaConfig(VisionConfig(dim=32, layers=1, heads=1, mlp=64), TextConfig(dim=64, layers=1,
-                                                                                                        heads=2, kv_heads=2, ffn=128)))
-        export_mmproj(other, tmp_path / "other-mmproj.gguf")
-        args += ["--model", str(DEFAULT_MODEL_DIR / "student-q4_0.gguf"), "--mmproj", str(tmp_path / "other-mmproj.gguf")]
+        other = request.getfixturevalue("convert_hf")(request.getfixturevalue("tiny_idefics3"), mmproj=True)
+        args += ["--model", str(DEFAULT_MODEL_DIR / "student-q4_0.gguf"), "--mmproj", str(other)]
     r = run("chat", *args, question)
     assert r.returncode == 1, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

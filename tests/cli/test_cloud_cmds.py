@@ -70,13 +70,15 @@ def test_worker_runner_uses_the_servers_model_registry(monkeypatch: pytest.Monke
     captured: dict[str, Any] = {}
     monkeypatch.setattr(worker, "run_worker", lambda settings, runner, stop:
                         captured.update(settings=settings, runner=runner))
-    monkeypatch.setattr(round_job.CloudAssets, "embedded",
+    from device.contracts.config import DEFAULT_MODEL_DIR
+
+    monkeypatch.setattr(round_job.HFAssets, "embedded",
                         classmethod(lambda cls, model_dir: captured.setdefault("model_dir", model_dir)))
     monkeypatch.setattr(round_job, "run_round",
                         lambda ctx, registry, assets: captured.update(registry=registry) or {})
-    result = runner.invoke(app, ["cloud", "worker", "--model-dir", str(tmp_path)])
+    result = runner.invoke(app, ["cloud", "worker", "--model-dir", str(DEFAULT_MODEL_DIR)])
     assert result.exit_code == 0, result.output
-    assert captured["model_dir"] == tmp_path
+    assert captured["model_dir"] == DEFAULT_MODEL_DIR
     captured["runner"](object())
     api = server.create_app(captured["settings"])
     try:

@@ -1,3 +1,6 @@
+"""DWC on the embedded default's Q4_0 GGUF pair: only changed tensors are updates, the budget
+holds, every patched device row is either its old bytes or exactly ggml's re-quantization of the
+new row, untouched tensors stay byte-identical, and a bigger budget keeps more importance."""
 import copy
 
 import gguf
@@ -5,60 +8,73 @@ import numpy as np
 import pytest
 import torch
 
+from cloud import ggml_quant
 from cloud.dwc import DWCConfig, compress, patched_twin, weight_updates
-from cloud.zoo.gguf_load import dequantize, load_gguf_pair
+from cloud.families import family_for
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def files(assets):
     return {"model": assets / "student-q4_0.gguf", "mmproj": assets / "mmproj-f32.gguf"}
 
 
+@pytest.fixture(scope="module")
+def twin(files):
+    torch.set_num_threads(1)
+    return family_for(files["model"], files["mmproj"]).load_twin(files["model"], files["mmproj"])
+
+
+def _layers(model):
+    return model.model.text_model.layers
+
+
 def _perturbed(twin, seed=0, scale=0.05):
     g = torch.Generator().manual_seed(seed)
-    merged = copy.deepcopy(twin)
+    merged = copy.deepcopy(twin.model)
     with torch.no_grad():
-        for layer in merged.text.layers:
-            for lin in (layer.q_proj, layer.down_proj):
+        for layer in _layers(merged):
+            for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
                 lin.weight += scale * torch.randn(lin.weight.shape, generator=g)
     return merged
 
 
-def test_only_changed_tensors_are_updates(files):
-    twin, _ = load_gguf_pair(files["model"], files["mmproj"])
-    merged = _perturbed(twin)
-    ups = weight_updates(merged, twin)
-    assert set(ups) == {f"blk.{i}.{n}.weight" for i in range(twin.cfg.text.layers) for n in ("attn_q", "ffn_down")}
+def _dequant(path, name):
+    t = {x.name: x for x in gguf.GGUFReader(str(path)).tensors}[name]
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)]), t.tensor_type
+
+
+def test_only_changed_tensors_are_updates(twin):
+    ups = weight_updates(_perturbed(twin), twin)
+    n = len(_layers(twin.model))
+    assert set(ups) == {f"blk.{i}.{t}.weight" for i in range(n) for t in ("attn_q", "ffn_down")}
 
 
 @pytest.mark.parametrize("budget", [4096, 16384, None])
-def test_budget_respected_and_device_weights_equal_requantized_rows(files, tmp_path, budget):
-    twin, _ = load_gguf_pair(files["model"], files["mmproj"])
+def test_budget_respected_and_device_rows_equal_requantized_rows(files, twin, tmp_path, budget):
     merged = _perturbed(twin)
-    res = compress(merged, twin, files, tmp_path / "p.gguf", DWCConfig(budget_bytes=budget, fisher=False),
-                   "r1", "v0", fisher=None)
+    res = compress(merged, twin, files, tmp_path / "p.gguf", DWCConfig(budget_bytes=budget, fisher=False), "r1")
     assert res.patch_path is not None and res.rows_patched > 0
     if budget is not None:
         assert res.patch_bytes <= budget + 4096  # + GGUF header/metadata of the patch file
     new, pfiles, _ = patched_twin(files, res.patch_path)
-    r = gguf.GGUFReader(str(pfiles["model"]))
-    t = {x.name: x for x in r.tensors}["blk.0.attn_q.weight"]
-    dev = dequantize(t)
-    assert torch.equal(new.text.layers[0].q_proj.weight, torch.from_numpy(dev))
-    # each row is either the old device row or exactly the re-quantized new row
-    old = twin.text.layers[0].q_proj.weight.detach().numpy()
-    req = gguf.quants.dequantize(gguf.quants.quantize(merged.text.layers[0].q_proj.weight.detach().numpy(), t.tensor_type),
-                                 t.tensor_type).reshape(old.shape)
-    for i in range(old.shape[0]):
-        assert np.array_equal(dev[i], old[i]) or np.array_equal(dev[i], req[i])
+    dev, qtype = _dequant(pfiles["model"], "blk.0.ffn_down.weight")  # no Q/K permutation: GGUF rows = HF rows
+    assert torch.equal(_layers(new.model)[0].mlp.down_proj.weight, torch.from_numpy(dev))
+    old = _layers(twin.model)[0].mlp.down_proj.weight.detach().numpy()
+    want = _layers(merged)[0].mlp.down_proj.weight.detach().numpy()
+    q = np.frombuffer(ggml_quant.quantize(np.ascontiguousarray(want), qtype), np.uint8).reshape(old.shape[0], -1)
+    req = gguf.quants.dequantize(q, qtype).reshape(old.shape)  # ggml's own quantizer: the device's bytes
+    same_old = [np.array_equal(dev[i], old[i]) for i in range(old.shape[0])]
+    same_new = [np.array_equal(dev[i], req[i]) for i in range(old.shape[0])]
+    assert all(a or b for a, b in zip(same_old, same_new))
+    if budget is None:
+        assert all(same_new)  # every changed row shipped
     # untouched tensors are byte-identical
-    assert torch.equal(new.text.layers[0].k_proj.weight, twin.text.layers[0].k_proj.weight)
+    assert torch.equal(_layers(new.model)[0].self_attn.k_proj.weight, _layers(twin.model)[0].self_attn.k_proj.weight)
 
 
-def test_bigger_budget_keeps_more_importance(files, tmp_path):
-    twin, _ = load_gguf_pair(files["model"], files["mmproj"])
+def test_bigger_budget_keeps_more_importance(files, twin, tmp_path):
     merged = _perturbed(twin)
-    small = compress(merged, twin, files, tmp_path / "a.gguf", DWCConfig(budget_bytes=4096), "r", "v0")
-    big = compress(merged, twin, files, tmp_path / "b.gguf", DWCConfig(budget_bytes=32768), "r", "v0")
+    small = compress(merged, twin, files, tmp_path / "a.gguf", DWCConfig(budget_bytes=4096, fisher=False), "r")
+    big = compress(merged, twin, files, tmp_path / "b.gguf", DWCConfig(budget_bytes=32768, fisher=False), "r")
     assert small.selected_importance_frac < big.selected_importance_frac <= 1.0
     assert small.patch_bytes < big.patch_bytes

@@ -32,17 +32,14 @@ AGREEMENT = 0.9  # patched device vs the twin rebuilt from its files, greedy ans
 
 @pytest.fixture(scope="module", params=["tiny-build", "shipped"])
 def hf_default(request, tmp_path_factory):
-    """The builder's tiny preset built here, and the shipped assets/default-hf (what make_runner's
-    default serves a family pair with: the round job's switch to the HF default)."""
-    from device.contracts.config import ASSETS_DIR
-
+    """The builder's tiny preset built here, and the shipped assets/default (what make_runner
+    serves when it is given no model dir)."""
     if request.param == "shipped":
-        if not (ASSETS_DIR / "default-hf" / "teacher" / "config.json").is_file():
-            pytest.skip("assets/default-hf not built")
+        request.getfixturevalue("assets")  # the shipped default must be there
         return None
     from cloud.zoo.hf_build import build
 
-    return build("tiny", tmp_path_factory.mktemp("hf-default") / "default-hf", progress=False)
+    return build("tiny", tmp_path_factory.mktemp("hf-default") / "default", progress=False)
 
 
 @pytest.mark.timeout(900)
@@ -50,15 +47,15 @@ def test_sync_round_on_the_hf_default(hf_default, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setenv("CDCCA_HOME", str(tmp_path / "home"))
     settings = load_settings()
-    runner_dir = hf_default  # None: make_runner's own default (assets/default-hf for a family pair)
+    runner_dir = hf_default  # None: make_runner's own default (assets/default)
     if hf_default is None:
         from device.contracts.config import ASSETS_DIR
-        hf_default = ASSETS_DIR / "default-hf"
+        hf_default = ASSETS_DIR / "default"
     model, mmproj = hf_default / "student-q4_0.gguf", hf_default / "mmproj-f32.gguf"
     store_for(settings, "q4_0").install_base(model, mmproj)
     eval_json = hf_default / "data" / "eval.json"
     drifted = [q for q in read_llava(eval_json) if q.meta.get("domain") in ("noise", "texture")][:24]
-    # the store hands every model the legacy default's feature stats; use this build's own
+    # a store installed by hand gets no bundled stats; use this build's own
     dm = dataclasses.replace(open_device_model(settings, quant="q4_0"),
                              stats=FeatureStats.load(hf_default / "feature_stats.npz"))
     with Queue(settings.queue_path) as q:
