@@ -41,6 +41,7 @@ class AKDConfig:
     lr: float = 1e-3
     lora_rank: int = 8
     lora_alpha: int = 16
+    language_adapter: bool = True
     projector_adapter: bool = True
     vision_adapter: bool = True  # low-level shifts (noise, texture) need the encoder to adapt too
     ce: bool = True
@@ -55,7 +56,7 @@ class AKDConfig:
 
     @property
     def parts(self) -> tuple[str, ...]:
-        return tuple(p for p, on in zip(PARTS, (True, self.projector_adapter, self.vision_adapter)) if on)
+        return tuple(p for p, on in zip(PARTS, (self.language_adapter, self.projector_adapter, self.vision_adapter)) if on)
 
 
 @dataclass

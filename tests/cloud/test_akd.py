@@ -60,3 +60,11 @@ def test_replay_is_used(pair):
     replay = ReplaySet([x.image for x in s], [x.question for x in s], [x.answer for x in s])
     _, stats = distil_twin(twin, teacher, _dset(teacher), replay, AKDConfig(steps=2, batch_size=8))
     assert "replay" in stats and np.isfinite(stats["replay"])
+
+
+def test_language_adapters_switch_off(pair):
+    twin, teacher = pair
+    merged, _ = distil_twin(twin, teacher, _dset(teacher), None, AKDConfig(steps=2, batch_size=8, language_adapter=False))
+    base = twin.model.state_dict()
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed and not any(k.startswith("model.text_model.") for k in changed), changed
