@@ -13,12 +13,10 @@ and every read is verified.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
-from device.patch import fsync_dir
+from device.contracts.atomic import write_bytes_atomic
 
 PRIVATE_DIR = 0o700
 
@@ -33,20 +31,10 @@ def private_dir(path: Path) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename: a reader sees the old file or the whole new one, never a torn one.
-    mkstemp creates the file 0600."""
+    """tmp + fsync + rename + dir fsync: a reader sees the old file or the whole new one, never a
+    torn one. Files (the temp included) are 0600; a dead write's temp is ``.<sha>.<random>.tmp``."""
     private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    write_bytes_atomic(path, data, mode=0o600)
 
 
 class BlobStore:

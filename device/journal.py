@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from device.patch import fsync_dir
+from device.contracts.atomic import atomic_open
 
 MAGIC = b"CDCCA-DELTA\x01\n"
 Hook = Callable[[str], None]
@@ -78,15 +78,10 @@ def make_delta(version: str, parent: str, spans: Sequence[tuple[str, int, bytes,
 def write_delta(path: Path, d: Delta) -> int:
     """Durably write a delta record (tmp + fsync + rename + dir fsync); returns its size."""
     head = json.dumps({"version": d.version, "parent": d.parent, "spans": [asdict(s) for s in d.spans]}).encode()
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         f.write(MAGIC + struct.pack("<Q", len(head)) + head)
         for b in d.old + d.new:
             f.write(b)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
     return path.stat().st_size
 
 
@@ -158,14 +153,10 @@ class Journal:
 
 
 def write_journal(path: Path, j: Journal) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    """Durably write the journal (tmp + fsync + rename + dir fsync)."""
+    with atomic_open(path, text=True) as f:
         json.dump({"source": j.source, "target": j.target, "steps": [list(s) for s in j.steps],
                    "new_version": j.new_version}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_journal(path: Path) -> Journal | None:

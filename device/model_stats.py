@@ -14,11 +14,11 @@ for a model the device has not seen yet. The first chats of a user are their "so
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 
+from device.contracts.atomic import write_bytes_atomic
 from device.contracts.feature_stats import FEATURE_STATS_FILE, FeatureStats
 
 MIN_IMAGES = 16
@@ -67,9 +67,7 @@ class StatsEstimator:
     def _save_partial(self) -> None:
         buf = io.BytesIO()
         np.savez(buf, sum=self.sum, sumsq=self.sumsq, count=np.int64(self.count), n_images=np.int64(self.n_images))
-        tmp = self.partial.with_name(self.partial.name + ".tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, self.partial)
+        write_bytes_atomic(self.partial, buf.getvalue(), sync_dir=False)
 
 
 def stats_path(folder: Path, key: str | None = None) -> Path:

@@ -8,11 +8,11 @@ the default ``default-<quant>``). Each model's OOD statistics belong to it (``de
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from device.contracts.atomic import write_text_atomic
 from device.contracts.config import DEFAULT_MODEL_DIR, Settings
 from device.contracts.feature_stats import FEATURE_STATS_FILE, FeatureStats
 from device.contracts.gguf_index import GGUFIndexError, read_index
@@ -87,9 +87,7 @@ def set_active(settings: Settings, name: str | None) -> None:
         return
     if not VersionStore(d, name).installed():
         raise ValueError(f"no device model named {name!r} (see `cdcca models list`)")
-    tmp = d / f"{ACTIVE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, d / ACTIVE_FILE)
+    write_text_atomic(d / ACTIVE_FILE, name + "\n", sync_dir=False)
 
 
 def list_models(settings: Settings) -> list[tuple[str, VersionStore]]:

@@ -4,8 +4,8 @@ Everything that can refuse a patch is checked by ``plan_patch`` BEFORE any byte 
 refused patch leaves the device untouched. On the device the bytes are written in place by
 ``device.versions.VersionStore`` under a write-ahead undo journal (``device/journal.py``), which is
 what makes in-place writes crash-safe. ``apply_to_files`` is the unjournaled variant for scratch
-copies (the cloud's preview); the durable-file primitives used by the store (clone with
-reflink/copy_file_range, fsync'd writes, dir fsync) live at the bottom.
+copies (the cloud's preview); the store's file clone (reflink/copy_file_range) lives at the
+bottom, atomic small-file writes and the folder fsync in ``device/contracts/atomic.py``.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from device.contracts.atomic import fsync_dir  # noqa: F401  (re-exported: device.uplink)
 from device.contracts.gguf_index import GGUFIndex, GGUFIndexError, read_index
 from device.contracts.model_id import file_sha256 as sha256_file  # noqa: F401  (used by versions)
 from device.contracts.patch_format import Patch, PatchEntry, PatchError, data_region_sha256, n_rows, read_patch
@@ -183,24 +184,3 @@ def _copy_range(fs, fd) -> str | None:
             return None
         raise
     return "copy_file_range" if off == size else None
-
-
-def write_durable(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable; platforms that cannot open a directory skip it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

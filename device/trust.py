@@ -15,6 +15,7 @@ import os
 import stat
 from pathlib import Path
 
+from device.contracts.atomic import write_bytes_atomic
 from device.contracts.signing import SignatureError, parse_public_key
 
 TOKEN_FILE = "token"
@@ -33,20 +34,11 @@ def private_dir(path: Path) -> Path:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Atomic write of a 0600 file (tmp + fsync + rename + dir fsync): readers see old or new."""
-    from device.patch import fsync_dir
-
+    """Atomic write of a 0600 file (tmp + fsync + rename + dir fsync): readers see old or new,
+    and the temp file is 0600 from its creation."""
     path = Path(path)
     private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_bytes_atomic(path, data, mode=0o600)
 
 
 def read_token(device_dir: Path, given: str | None = None) -> str | None:

@@ -35,15 +35,24 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from device import journal as jr
+from device.contracts.atomic import atomic_open, fsync_dir, temp_target, write_text_atomic
 from device.contracts.gguf_index import GGUFIndexError, read_index
 from device.contracts.patch_format import PatchError, read_patch
-from device.patch import clone_file, fcntl, fsync_dir, plan_patch, sha256_file, verify_written, write_durable
+from device.patch import clone_file, fcntl, plan_patch, sha256_file, verify_written
 from device.version_records import (  # noqa: F401  (re-exported: callers import them from here)
     CRASH_ENV, FILE_NAMES, PENDING, ApplyResult, FileRecord, RecoverReport, Version, VersionError, VersionPaths,
     _fingerprint, _file_record, _Laps, _now, crash_point, tree_steps,
 )
 
 DEFAULT_KEEP = 20  # versions kept by prune(): records are ~2x a patch, so history is cheap
+_RECORDS = {"CURRENT", "versions.json", "JOURNAL"}  # the store's own small files (written under its lock)
+
+
+def _own_temp(name: str) -> bool:
+    """A temp file an atomic write of one of the store's records left (its writer was killed).
+    Not the feature-stats temps: the chat process writes those without the store lock."""
+    target = temp_target(name)
+    return target is not None and (target in _RECORDS or target.endswith(".delta"))
 
 
 class VersionStore:
@@ -312,7 +321,7 @@ class VersionStore:
         if not self.dir.is_dir():
             return RecoverReport((), ())
         for p in list(self.dir.iterdir()) + (list(self.undo.iterdir()) if self.undo.is_dir() else []):
-            if p.name.startswith(".staging-") or ".tmp-" in p.name:
+            if p.name.startswith(".staging-") or ".tmp-" in p.name or _own_temp(p.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 removed.append(p.name)
         if self.installed() and not self.live.is_dir():
@@ -383,11 +392,10 @@ class VersionStore:
         return gone
 
     def _set_current(self, vid: str) -> None:
-        tmp = self.dir / f"CURRENT.tmp-{os.getpid()}"
-        write_durable(tmp, vid + "\n")
-        crash_point("current_tmp")
-        os.replace(tmp, self.dir / "CURRENT")
-        fsync_dir(self.dir)
+        with atomic_open(self.dir / "CURRENT", text=True) as f:
+            f.write(vid + "\n")
+            f.flush()
+            crash_point("current_tmp")  # the temp holds the new record; CURRENT is still the old one
 
     def _save_fingerprint(self, files: dict[str, Path], recs: dict[str, FileRecord] | None = None) -> None:
         log = self._load_log()
@@ -407,10 +415,7 @@ class VersionStore:
 
     def _save_log(self, log: dict) -> None:
         out = {**log, "versions": [v.to_json() for v in sorted(log["versions"].values(), key=lambda v: v.number)]}
-        tmp = self.dir / f"versions.json.tmp-{os.getpid()}"
-        write_durable(tmp, json.dumps(out, indent=1))
-        os.replace(tmp, self.dir / "versions.json")
-        fsync_dir(self.dir)
+        write_text_atomic(self.dir / "versions.json", json.dumps(out, indent=1))
 
     @contextmanager
     def _lock(self) -> Iterator[None]:

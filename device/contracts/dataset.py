@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device.contracts.atomic import write_text_atomic
+
 IMAGE_TOKEN = "<image>"
 
 
@@ -91,6 +93,4 @@ def llava_record(rid: str, image_rel: str | None, question: str, answer: str, **
 def write_llava(path: str | Path, records: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(records, indent=1), sync_dir=False)

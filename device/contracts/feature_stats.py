@@ -11,11 +11,12 @@ embeddings make tokens differ by place, and broadcast the same way (N must match
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from device.contracts.atomic import write_bytes_atomic
 
 FEATURE_STATS_FILE = "feature_stats.npz"
 
@@ -53,16 +54,10 @@ class FeatureStats:
         return cls(x.mean(axis=0), x.var(axis=0), int(x.shape[0]))
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (temp file + rename): a reader never sees half a file."""
-        path = Path(path)
+        """Write atomically (temp file + fsync + rename): a reader never sees half a file."""
         buf = io.BytesIO()
         np.savez(buf, mean=self.mean, var=self.var, count=np.int64(self.count))
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, buf.getvalue(), sync_dir=False)
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureStats":

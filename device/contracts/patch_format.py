@@ -34,6 +34,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
+from device.contracts.atomic import atomic_path
 from device.contracts.config import FILE_ROLES as ROLES  # the one list of a model's file roles
 from device.contracts.gguf_guard import check_gguf_header
 
@@ -221,7 +222,7 @@ def check_entries(entries: Sequence[PatchEntry]) -> None:
 
 def write_patch(path: str | os.PathLike, entries_with_bytes: Sequence[tuple[PatchEntry, bytes]],
                 meta: PatchMeta) -> PatchMeta:
-    """Write a patch atomically (tmp + rename: a half-written patch is never served); returns the
+    """Write a patch atomically (tmp + fsync + rename: a half-written patch is never served); returns the
     meta as written (target_hash filled in). Refuses what read_patch would refuse."""
     path = Path(path)
     entries = [e for e, _ in entries_with_bytes]
@@ -240,12 +241,8 @@ def write_patch(path: str | os.PathLike, entries_with_bytes: Sequence[tuple[Patc
     meta = replace(meta, target_hash=target)
     if not _HEX64.match(meta.base_hash):
         raise PatchError(f"{path}: base_hash must be 64 lowercase hex chars")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path, sync_dir=False) as tmp:
         _write_gguf(tmp, entries, payloads, meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return meta
 
 

@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
 from device.contracts import patch_format as pf
+from device.contracts.atomic import temp_target
 from device.contracts.patch_format import PatchError, make_patch_from_arrays, read_patch
 from device.patch import apply_to_files
 from device.versions import VersionError, VersionStore
@@ -272,10 +273,15 @@ def test_install_refusals_and_recover_garbage(world):
         VersionStore(world["tmp"] / "x").install_base(world["patch"].with_suffix(".nope"))
     (store.dir / ".staging-v9").mkdir()
     (store.undo / "v7.delta").write_bytes(b"never logged")
-    (store.dir / "CURRENT.tmp-123").write_text("v7\n")
+    (store.dir / "CURRENT.tmp-123").write_text("v7\n")  # an older cdcca's temp name
+    (store.dir / ".CURRENT.0badf00d.tmp").write_text("v7\n")  # device/contracts/atomic.py's
+    (store.undo / ".v7.delta.0badf00d.tmp").write_bytes(b"torn")
+    (store.dir / ".feature_stats.npz.0badf00d.tmp").write_bytes(b"")  # the chat's, written unlocked: kept
     before = store.current()
     rep = store.recover()
-    assert set(rep.removed) == {".staging-v9", "v7.delta", "CURRENT.tmp-123"} and store.current() == before
+    assert set(rep.removed) == {".staging-v9", "v7.delta", "CURRENT.tmp-123", ".CURRENT.0badf00d.tmp",
+                                ".v7.delta.0badf00d.tmp"} and store.current() == before
+    assert (store.dir / ".feature_stats.npz.0badf00d.tmp").is_file()
 
 
 # ------------------------------------------------------------ crash safety
@@ -316,7 +322,8 @@ def check_consistent(world: dict, cleaned: list | None = None) -> str:
         cleaned.append(len(report.removed) + len(report.relogged))
     cur = store.identify()
     assert cur.id in {v.id for v in store.list()}
-    assert not [p for p in store.dir.iterdir() if p.name.startswith(".staging") or ".tmp-" in p.name]
+    assert not [p for p in store.dir.iterdir() if p.name.startswith(".staging") or ".tmp-" in p.name
+                or temp_target(p.name)]
     assert not (store.dir / "JOURNAL").exists()
     paths = store.paths(cur)
     for role, rec in cur.files.items():
