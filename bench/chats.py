@@ -98,16 +98,6 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def generate_samples(domains: Sequence[str], n: int, seed: int, order_seed: int):
-    """``n`` generated scenes per domain, shuffled into one mixed stream (a user's images are not
-    sorted by domain; the adaptive UTS gate then ranks them against each other)."""
-    from cloud.zoo import scenes
-
-    flat = [s for d in domains for s in scenes.generate(d, n, seed)]
-    order = np.random.default_rng(order_seed).permutation(len(flat))
-    return [flat[i] for i in order]
-
-
 def run_chats(samples, home: Path | None = None, model: DeviceModel | None = None, threads: int = 1,
               uts: UTSConfig | None = None, seed: int = 0) -> ChatStream:
     """Answer every sample on the device; UTS queues what it keeps.  ``home`` is a fresh

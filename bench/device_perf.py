@@ -1,6 +1,7 @@
-"""Section 4 -- device performance: llama.cpp decode speed per GGUF type vs the torch twin, a
+"""Section 3 -- device performance: llama.cpp decode speed per GGUF type vs the torch twin, a
 memory-bandwidth bound beside it, the cost of reading full logits for uncertainty, and patch
-apply + reload vs replacing the whole model."""
+apply + reload vs replacing the whole model.  The torch row is the cloud's own twin, rebuilt from the
+device's f32 GGUF pair through the family seam (cloud.families)."""
 from __future__ import annotations
 
 import os
@@ -16,15 +17,16 @@ from device.runtime import Runtime, RuntimeConfig
 from device.uncertainty import UncertaintyRecorder
 from device.versions import VersionStore
 
-from .common import DEFAULT_BUDGET, Context, Section
+from .common import Context, Section
 from .table import Table, num
 
 QUANTS = ("q4_0", "q8_0", "f32")
 THREADS = 1
 MAX_TOKENS = 16
+PROMPT_SEED = 4000  # scene generator seed of the speed prompts (disjoint from streams, eval and training)
 
 
-def prompts(n: int, seed: int = 4000):
+def prompts(n: int, seed: int = PROMPT_SEED):
     """``n`` generated (image, question) pairs over all domains and tasks (captions give the long
     answers); disjoint generator seed."""
     from cloud.zoo import scenes
@@ -84,42 +86,51 @@ def _llama_pass(rt, ps, reps: int, hook: bool) -> dict:
 
 
 def torch_speed(model_path: Path, mmproj: Path, ps, reps: int) -> dict:
-    """The same weights (the f32 GGUF rebuilt in torch), greedy decode token by token; like
-    llama.cpp's loop, 'decode' starts after the prompt's logits and includes one forward per
-    generated token (TinyLlava has no KV cache: each forward re-reads the whole sequence)."""
+    """The cloud's torch twin of the same weights (``cloud.families.family_for`` rebuilds the HF model
+    from the f32 GGUF pair, as a round does), greedy decode token by token with HF's KV cache: like
+    llama.cpp's loop, 'prefill' is the prompt's forward (image tiles included) up to its logits and
+    'decode' is one cached forward per generated token."""
     import torch
 
-    from cloud.zoo.data import Codec, make_batch
-    from cloud.zoo.gguf_load import load_gguf_pair
+    from cloud.families import collate, family_for
+    from device.contracts.image import decode_image
+
+    from .chats import png_bytes
 
     torch.set_num_threads(THREADS)
-    model, tok = load_gguf_pair(model_path, mmproj)
-    codec = Codec(tok)
+    fam = family_for(model_path, mmproj)
+    twin = fam.load_twin(model_path, mmproj)
+    geo = twin.meta.get("geometry")
+    eos = set(twin.meta.get("eos_ids") or ())
+    model = twin.model.eval()
+    exs = [fam.example(twin, q, decode_image(png_bytes(img), geo.image_size, "prompt") if geo else None)
+           for img, q in ps]
     ntok, dec, pre, answers = 0, 0.0, 0.0, []
     with torch.no_grad():
+        for b in (collate([e]) for e in exs[:3]):  # warm-up, as for llama.cpp
+            model(**b, use_cache=True)
         for r in range(reps):
-            for img, q in ps:
+            for ex in exs:
+                b = collate([ex])
                 t0 = time.perf_counter()
-                emb = model.embed(make_batch(codec, img[None], [q], None))
-                logits = model.text(emb)[:, -1]
+                o = model(**b, use_cache=True)
                 t1 = time.perf_counter()
                 out = []
                 for _ in range(MAX_TOKENS):
-                    nxt = int(logits.argmax(-1))
-                    if nxt == codec.eos:
+                    nxt = int(o.logits[0, -1].argmax())
+                    if nxt in eos:
                         break
-                    out.append(nxt)
-                    emb = torch.cat([emb, model.text.embed(torch.tensor([nxt]))[:, None]], 1)
-                    logits = model.text(emb)[:, -1]
+                    out.append(nxt)  # and one forward per kept token, as Runtime.generate decodes it
+                    o = model(input_ids=torch.tensor([[nxt]]), past_key_values=o.past_key_values, use_cache=True)
                 t2 = time.perf_counter()
                 ntok += len(out)
                 pre += t1 - t0
                 dec += t2 - t1
                 if r == 0:
-                    answers.append(codec.decode(out))
+                    answers.append(fam.decode(twin, out))
     n = reps * len(ps)
     return {"tokens": ntok, "decode_s": dec, "prefill_s": pre, "decode_tps": ntok / dec, "prefill_ms": 1e3 * pre / n,
-            "e2e_tps": ntok / (dec + pre), "answers": answers}
+            "e2e_tps": ntok / (dec + pre), "answers": answers, "family": fam.name}
 
 
 def hook_overhead(model: Path, mmproj: Path, ps, reps: int) -> dict:
@@ -201,12 +212,14 @@ def apply_vs_replace(work: Path, model: Path, mmproj: Path, patch: Path, reps: i
 
 
 def run(ctx: Context) -> Section:
-    from .ablations import _device_files
+    from device.models import bundled_files
+
+    from .chats import DEVICE_QUANT
 
     p = ctx.profile
-    sec = Section("device", "4. Device performance")
+    sec = Section("device", "3. Device performance")
     md = ctx.model_dir
-    mmproj = _device_files(ctx)["mmproj"]
+    mmproj = bundled_files(DEVICE_QUANT, md)[1]
     ps = prompts(p.perf_prompts)
     bw = memcpy_bandwidth(p.memcpy_mib)
     speed = {q: llama_speed(md / f"student-{q}.gguf", mmproj, ps, p.perf_reps) for q in QUANTS}
@@ -217,7 +230,8 @@ def run(ctx: Context) -> Section:
         "engine / weights", "answer tokens", "decode tokens/s", "prompt prefill ms", "end-to-end tokens/s",
         "weight bytes read per token", "bandwidth bound tokens/s", "measured / bound"])
     for key, label in (("q4_0", "llama.cpp q4_0 (device default)"), ("q8_0", "llama.cpp q8_0"),
-                       ("f32", "llama.cpp f32"), ("torch", "torch, same f32 weights (no KV cache)")):
+                       ("f32", "llama.cpp f32"),
+                       ("torch", f"torch HF twin ({speed['torch']['family']}, family seam), same f32 weights, KV cache")):
         s = speed[key]
         bound = bw / wbytes[key]
         t.add(label, [num(s["tokens"], "{:.0f}"), num(s["decode_tps"], "{:.0f}"), num(s["prefill_ms"], "{:.2f}"),
@@ -227,10 +241,12 @@ def run(ctx: Context) -> Section:
     t.notes = [
         f"{len(ps)} generated prompts (all domains and tasks) x {p.perf_reps} repeat(s) after 3 warm-up prompts; "
         "decode tokens/s = answer tokens / decode time (after the prompt's logits, one forward per generated token, "
-        "as in Runtime.generate); the models stop at EOS after 1-8 tokens, hence many prompts.",
+        f"as in Runtime.generate); llama.cpp q4_0 answers average {speed['q4_0']['tokens'] / (p.perf_reps * len(ps)):.1f} "
+        f"tokens (EOS or the {MAX_TOKENS}-token cap), hence many prompts.",
         f"Bandwidth bound = measured copy bandwidth {bw / 1e9:.1f} GB/s (numpy copy of {p.memcpy_mib} MiB, read + "
-        "write, best of 5) / weight bytes read per token. These models (< 1.2 MB) fit in the CPU caches, so DRAM "
-        "bandwidth is not what limits them: per-token fixed costs (graph build, Python loop) are.",
+        "write, best of 5) / weight bytes read per token. These models (at most "
+        f"{max(wbytes.values()) / 1e6:.2f} MB read per token) fit in the CPU caches, so DRAM bandwidth is not what "
+        "limits them: per-token fixed costs (graph build, Python loop) are.",
         f"llama.cpp f32 and torch greedy answers agree on {100 * agree:.0f}% of the prompts (same weights).",
     ]
     sec.tables.append(t)
@@ -256,9 +272,7 @@ def run(ctx: Context) -> Section:
     if not ok:
         sec.not_beaten.append(sec.findings[-1])
 
-    job = ctx.results["cdcca-s0"]
-    av = apply_vs_replace(ctx.work, md / "student-q4_0.gguf", mmproj, Path(job["dwc"][str(DEFAULT_BUDGET)]["path"]),
-                          max(3, p.perf_reps))
+    av = apply_vs_replace(ctx.work, md / "student-q4_0.gguf", mmproj, ctx.patch, max(3, p.perf_reps))
     t3 = Table("apply", "Installing an update on the device (median of repeats)", [
         "method", "bytes written", "install ms", "reload ms", "total ms"])
     t3.add("DWC patch: VersionStore.apply_patch + Runtime.refresh",

@@ -339,7 +339,7 @@ def run(ctx: Context) -> Section:
     from device.contracts.config import load_settings
 
     p = ctx.profile
-    sec = Section("fleet", "5. Fleet: device processes against API + 2 worker processes, and a cloud restart")
+    sec = Section("fleet", "4. Fleet: device processes against API + 2 worker processes, and a cloud restart")
     home = ctx.work / "fleet-home"
     (home / "cloud").mkdir(parents=True, exist_ok=True)
     pg, db_note = None, "PostgreSQL (a throwaway server started by cloud.pg_local)"

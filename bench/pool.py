@@ -1,8 +1,8 @@
 """The benchmark's job pool: spawned worker processes, one torch thread each.
 
 Every job is seeded, so results do not depend on scheduling; ``workers <= 1`` runs the jobs in
-this process (the tiny test profile, debugging).  The legacy and the family-seam benches share it;
-each passes its own ``init_worker`` (loads models once per process) and ``run_job``."""
+this process (the tiny test profile, debugging).  The caller passes its ``init_worker``
+(loads models once per process) and ``run_job`` (bench.seam_jobs.Runner does)."""
 from __future__ import annotations
 
 import multiprocessing as mp

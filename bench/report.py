@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ORDER = ("accuracy", "ablations", "transmission", "device", "fleet", "continual")
+ORDER = ("accuracy", "transmission", "device", "fleet", "continual")
 
 
 def markdown(meta: dict, sections: dict) -> str:

@@ -1,5 +1,5 @@
-"""`cdcca bench` for an HF build folder (``--model-dir assets/default-hf``): the one-round accuracy
-benchmark on the family seam, as docs/bench/README.md "Benchmark design (fixed before tuning)" fixes it.
+"""The accuracy section of `cdcca bench` (section 1): the one-round benchmark on the family seam, as
+docs/bench/README.md "Benchmark design (fixed before tuning)" fixes it (bench/run.py drives it).
 
 device chat streams (llama.cpp + the product's UTS; drift = 70 % source / 30 % the seed's two drifted
 domains, all-target beside it) -> training jobs on the seam (cloud.akd.distil_twin, cloud.dwc) ->
@@ -11,23 +11,14 @@ Seed 0 is the development seed and is never reported: the reported seeds are 1..
 """
 from __future__ import annotations
 
-import shutil
-import sys
-import tempfile
-import time
-from dataclasses import asdict, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from device.contracts.metrics import paired_bootstrap, seed_interval, wilson
 from device.contracts.wire import RoundOptions
 
-from . import env, report, seam_continual
-from .chats import DOMAINS, run_chats
+from .chats import DOMAINS
 from .common import DEFAULT_BUDGET, Section, mean, pts, std
-from .profiles import PROFILES
-from .seam_jobs import (FULL_FT_SEED, Runner, chat_seed, device_model, drifted_pair, equal_bytes_index,
-                        stream_samples)
+from .seam_jobs import FULL_FT_SEED, chat_seed, drifted_pair, equal_bytes_index
 from .table import Table, mean_std, na, num
 
 STREAMS = ("drift", "all-target")
@@ -50,12 +41,8 @@ ABLATIONS = (  # (job, label, AKD switches): one lever each, against CDCCA's eve
 )
 
 
-def log(msg: str, t0: float) -> None:
-    print(f"[bench {time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
-
-
 def seeds_of(prof) -> list[int]:
-    return list(range(1, (prof.seam_seeds or prof.seeds) + 1))
+    return list(range(1, prof.seeds + 1))
 
 
 def _akd(prof, seed: int, **switches) -> dict:
@@ -77,6 +64,8 @@ def stream_jobs(prof, kind: str, seed: int, stream, work: Path, uplink: dict) ->
     jobs = [dict(base, name=name("random"), samples=rnd, akd=_akd(prof, seed)),
             dict(base, name=name("cdcca"), samples=uts, akd=_akd(prof, seed), full_precision=kind == "drift",
                  budgets=[None, DEFAULT_BUDGET] if kind == "drift" else [DEFAULT_BUDGET])]
+    if kind == "drift" and seed == seeds_of(prof)[0]:  # transmission's fp16-delta baseline
+        jobs[1]["delta_blob"] = True
     if kind == "drift" and seed in seeds_of(prof)[: prof.ablation_seeds]:
         jobs[1]["nofisher_budget"] = DEFAULT_BUDGET
         jobs += [dict(base, name=name(j), samples=uts, akd=_akd(prof, seed, **sw)) for j, _, sw in ABLATIONS]
@@ -144,7 +133,9 @@ def stream_table(res, kind: str, seeds: list[int], uplink: dict, n_per_domain: d
         cells += ([mean_std([u[0] for u in ups], "{:.0f}"), mean_std([u[1] / 1024 for u in ups], "{:.1f}")]
                   if ups else [na("no uplink"), na("no uplink")])
         t.add(label, cells + [_downlink(res, key, kind, seeds)])
-        data[key] = {"drifted_per_seed": drifted, "pooled_n": len(pooled), "wilson": [lo, hi]}
+        data[key] = {"drifted_per_seed": drifted, "pooled_n": len(pooled), "wilson": [lo, hi],
+                     "per_domain": {d: [sum(_pick(c, doms, (d,))) for c in per] for d in DOMAINS},
+                     "n_per_domain": {d: doms.count(d) for d in DOMAINS}, "pooled_correct": sum(pooled)}
     n = sorted(set(n_per_domain.values()))
     t.notes = [
         f"Each seed s has its own chat stream (scene generator seed {chat_seed(0)}+s), answered by the device "
@@ -206,8 +197,8 @@ def build(res: dict, seeds: list[int], uplink: dict, prof) -> Section:
     sec.tables.append(w)
     _derived(sec, res, data["drift"], seeds)
     sec.tables.append(ablation_table(sec, res, seeds_of(prof)[: prof.ablation_seeds]))
-    sec.tables[0].notes.append("Not in this path yet: the UTS mask-ratio and DWC budget sweeps, "
-                               "transmission, fleet and device-speed sections (the legacy TinyLlava bench has them).")
+    sec.tables[0].notes.append("Not measured in this report: UTS mask-ratio and DWC byte-budget sweeps "
+                               "(one budget, 48 KiB, and the every-row update are the rows above).")
     sec.data = {"streams": data, "eval_per_domain": n_per, "seeds": seeds}
     return sec
 
@@ -264,52 +255,3 @@ def _derived(sec: Section, res: dict, drift: dict, seeds: list[int]) -> None:
     sd = seed_interval(drift["cdcca"]["drifted_per_seed"])
     sec.findings.append(f"CDCCA's drifted mean over seeds: {sd[0]:.3f} (95 % t-interval {sd[1]:.3f} .. {sd[2]:.3f}, "
                         f"std {std(drift['cdcca']['drifted_per_seed']):.3f}).")
-
-
-def run_seam_bench(profile: str = "quick", out: Path = Path("results"), seeds: int | None = None,
-                   workers: int | None = None, model_dir: Path = Path("assets/default-hf"),
-                   command: str = "cdcca bench", keep_work: bool = False) -> Path:
-    t0 = time.time()
-    prof = PROFILES[profile].with_seeds(seeds)
-    prof = replace(prof, workers=workers) if workers is not None else prof
-    out, model_dir = Path(out), Path(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="cdcca-bench-seam-"))
-    meta = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": env.machine(), "versions": env.versions(), "profile": asdict(prof), "timings": {}}
-    ss = seeds_of(prof)
-    try:
-        t, uplink = time.time(), {}
-        jobs = [dict(kind="base", name="base"), full_ft_job(prof, work), seam_continual.job(prof, work)]
-        dm = device_model(model_dir)
-        n = prof.chats_per_domain * len(DOMAINS)
-        for s in ss:
-            for kind in STREAMS:
-                st = run_chats(stream_samples(kind, s, n), home=work / f"chat-{kind}-{s}", model=dm, seed=s)
-                log(f"seed {s} {kind}: {len(st.chats)} chats on the device, UTS kept {len(st.kept_samples)}", t0)
-                jobs += stream_jobs(prof, kind, s, st, work, uplink)
-        meta["timings"]["chat streams (device)"] = time.time() - t
-        t = time.time()
-        log(f"{len(jobs)} training/evaluation jobs on {prof.workers} worker(s)", t0)
-        with Runner(model_dir, prof.eval_n, prof.replay_n, prof.workers) as r:
-            res = r.run(jobs, lambda x: log(f"job {x['name']} done in {x['seconds']:.0f}s", t0))
-        meta["timings"]["training + device evaluation jobs"] = time.time() - t
-        t = time.time()
-        sec = build(res, ss, uplink, prof)
-        sec.compute_s = sum(x["seconds"] for n, x in res.items() if n != "continual")
-        sec.seconds = time.time() - t
-        cont = seam_continual.build(res, prof)
-        cont.compute_s = res["continual"]["seconds"]
-        meta["seeds_text"] = (f"reported seeds {', '.join(map(str, ss))} (seed 0 is the development seed, never "
-                              f"reported); chat streams {', '.join(str(chat_seed(s)) for s in ss)} (scene generator), "
-                              f"AKD seeds = the seed, random-selection seeds 10000+seed; models: {model_dir} "
-                              "(eval split = the build's data/eval.json, scene seed 1000).")
-        meta["wall_s"] = time.time() - t0
-        meta["timings"]["total"] = meta["wall_s"]
-        md, _ = report.write(out, meta, {"accuracy": sec, "continual": cont})
-        log(f"wrote {md} ({meta['wall_s'] / 60:.1f} min)", t0)
-        return md
-    finally:
-        if not keep_work:
-            shutil.rmtree(work, ignore_errors=True)
-

@@ -5,6 +5,7 @@ Fisher -> 48 KiB DWC patch, registered as the next version) learns from it, and 
 is measured on the held-out set.  The question is issue 12's: does each earlier domain keep its gain?"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from device.contracts.metrics import paired_bootstrap
@@ -14,6 +15,25 @@ from .common import Section, mean, pts
 from .table import Table, na, num
 
 KEEP_FRACTION = 0.9  # issue 12: after the rounds each earlier domain keeps >= 90 % of its gain
+
+
+@dataclass
+class _Ctx:
+    """What ``run_round`` reads from a cloud.rounds.RoundContext (a round with no server around it)."""
+
+    round_id: str
+    base_model: str
+    samples: list
+    options: object
+    patch_path: Path
+    work_dir: Path
+    log: list = field(default_factory=list)
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        self.log.append((stage, fraction))
+
+    def cancelled(self) -> bool:
+        return False
 
 
 def job(prof, work: Path) -> dict:
@@ -31,7 +51,6 @@ def run_rounds(spec: dict) -> dict:
     from device.queue import Queue
 
     from .chats import run_chats
-    from .jobs import _Ctx
     from .seam_jobs import _W, device_correct, stream_samples
 
     work = Path(spec["work"])
@@ -64,7 +83,7 @@ def build(res: dict, prof) -> Section:
     doms = res["base"]["domains"]
     rounds = res["continual"]["rounds"]
     acc = lambda c, d: mean([x for x, dd in zip(c, doms) if dd == d])  # noqa: E731
-    sec = Section("continual", "6. Continual rounds on the family seam (device-measured)")
+    sec = Section("continual", "5. Continual rounds on the family seam (device-measured)")
     cols = ["model"] + [f"{d} VQA" for d in DOMAINS] + ["UTS kept", "patch KiB"]
     t = Table("seam_continual", "Device accuracy after each round (llama.cpp on the patched GGUF)", cols)
     start = rounds[0]["correct"]
@@ -96,7 +115,8 @@ def build(res: dict, prof) -> Section:
     diff, lo, hi = _paired(last, start, doms, "source")
     sec.findings.append(f"Source after {len(rounds) - 1} round(s): {pts(diff)} (paired 95 % CI {pts(lo)} .. {pts(hi)}).")
     sec.data = {"rounds": [{k: v for k, v in r.items() if k != "correct"} for r in rounds],
-                "per_domain": [{d: acc(r["correct"], d) for d in DOMAINS} for r in rounds]}
+                "per_domain": [{d: acc(r["correct"], d) for d in DOMAINS} for r in rounds],
+                "n_per_domain": {d: doms.count(d) for d in DOMAINS}}
     return sec
 
 

@@ -1,5 +1,5 @@
 """The benchmark's chat streams and training jobs on the family seam (an HF build folder such as
-assets/default-hf), per docs/bench/README.md "Benchmark design (fixed before tuning)".
+the shipped assets/default), per docs/bench/README.md "Benchmark design (fixed before tuning)".
 
 Every accuracy is measured on the device: llama.cpp on the GGUF pair the row would ship (the
 trained update written into a copy of the device files by DWC and the device's own patch path;
@@ -29,7 +29,7 @@ _W: dict = {}
 
 
 def is_hf_build(model_dir: Path) -> bool:
-    """An HF default build folder (teacher/ checkpoint beside the device GGUFs): the seam's bench."""
+    """An HF build folder (teacher/ checkpoint beside the device GGUFs): what the bench runs on."""
     return (Path(model_dir) / "teacher" / "config.json").is_file()
 
 
@@ -167,6 +167,14 @@ def _train(spec: dict) -> dict:
         ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]
         fisher = fisher_diag(merged, twin, ex, DWCConfig().fisher_batches)
     work = Path(spec["work"])
+    if spec.get("delta_blob"):  # transmission's baseline downlink: the fp16 delta of every changed tensor
+        from cloud.dwc import weight_updates
+
+        ups = weight_updates(merged, twin)
+        out["delta_blob"] = str(work / f"{spec['name']}-fp16-delta.bin")
+        with open(out["delta_blob"], "wb") as f:
+            for g in sorted(ups):
+                f.write(ups[g][2].astype(np.float16).tobytes())
     for b in spec["budgets"]:
         out["patches"][_bkey(b)] = _patch_eval(spec["name"], merged, b, fisher if b is not None else None, work)
     if spec.get("nofisher_budget"):  # DWC ablation: the same budget ranked by relative update norm
@@ -193,7 +201,7 @@ def _patch_eval(name: str, merged, budget: int | None, fisher, work: Path) -> di
                    DWCConfig(budget_bytes=budget), f"bench-{name}", "", fisher)
     pfiles, scratch = apply_to_copy(_W["files"], res.patch_path)
     try:
-        return {"bytes": res.patch_bytes, "rows": res.rows_patched, "importance_kept": res.selected_importance_frac,
+        return {"bytes": res.patch_bytes, "path": str(res.patch_path) if res.patch_path else None, "rows": res.rows_patched, "importance_kept": res.selected_importance_frac,
                 "correct": device_correct(pfiles)}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

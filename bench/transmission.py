@@ -1,4 +1,4 @@
-"""Section 3 -- the paper's Table 5: uplink and downlink bytes and transfer times, measured over
+"""Section 2 -- the paper's Table 5: uplink and downlink bytes and transfer times, measured over
 loopback HTTP against the real cloud server (a LoopbackCloud, nothing added to it)."""
 from __future__ import annotations
 
@@ -52,9 +52,8 @@ def _time_posts(http: httpx.Client, bodies: list[bytes], ctype: str, expect: int
 
 def run(ctx: Context) -> Section:
     p = ctx.profile
-    stream = ctx.streams[0]
-    job = ctx.results["cdcca-s0"]
-    sec = Section("transmission", "3. Transmission (paper Table 5)")
+    stream = ctx.stream
+    sec = Section("transmission", "2. Transmission (paper Table 5)")
     settings = load_settings(home=ctx.work / "transmission-home")
     blob = {}
 
@@ -65,7 +64,7 @@ def run(ctx: Context) -> Section:
     cloud = LoopbackCloud(settings, runner=runner).start()
     try:
         up = _uplink(cloud, stream, p.transfer_reps)
-        down = _downlink(cloud, ctx, job, blob, p.transfer_reps)
+        down = _downlink(cloud, ctx, blob, p.transfer_reps)
     finally:
         cloud.stop()
     t = Table("transmission", "Bytes and loopback transfer time, UTS/DWC vs baselines", [
@@ -77,7 +76,7 @@ def run(ctx: Context) -> Section:
                           num(secs / base[2], "{:.3f}"), num(b / secs / 1e6, "{:.1f}")])
     n, k = len(stream.chats), len(stream.kept_samples)
     t.notes = [
-        f"Uplink: seed 0's {n} chats, of which UTS kept {k}. Raw = every chat's no-selection payload (image file + "
+        f"Uplink: the drift stream of seed {stream.seed} ({n} chats answered by the device), of which UTS kept {k}. Raw = every chat's no-selection payload (image file + "
         "text + fp32 visual tokens + fp32 full-vocabulary distribution per answer token, the formula of device/uts.py) "
         f"sent as binary bodies of {BATCH} chats to POST /v1/samples, which reads each body fully and answers 422 "
         "(not a sample), so raw times EXCLUDE the server's storage work; UTS = the kept samples as UploadRequest "
@@ -85,8 +84,9 @@ def run(ctx: Context) -> Section:
         "device, so no repeat is answered as a duplicate.",
         "Downlink: three real files served by the cloud's GET /v1/rounds/{id}/patch and fetched with "
         "CloudClient.download_patch (streamed, sha256-verified, fsynced): the device's full GGUF pair (what a full "
-        "model replace ships), the fp16 delta of every changed tensor of seed 0's merged CDCCA update, and its DWC "
-        "patch at the 48 KiB budget (a bench round runner hands each file to the server as the round's patch).",
+        "model replace ships), the fp16 delta of every changed tensor of seed "
+        f"{stream.seed}'s merged CDCCA update (family seam: AKD on the HF twin), and its DWC patch at the "
+        f"{DEFAULT_BUDGET // 1024} KiB budget (a bench round runner hands each file to the server as the round's patch).",
         f"Times: median of {p.transfer_reps} repeat(s) over loopback on this machine, so they measure per-byte and "
         "per-request costs of the stack, not a real network; the byte ratios are what a real link would see.",
     ]
@@ -134,17 +134,18 @@ def _uplink(cloud, stream, reps: int) -> list[tuple[str, int, float]]:
     return rows
 
 
-def _downlink(cloud, ctx: Context, job: dict, blob: dict, reps: int) -> list[tuple[str, int, float]]:
-    from .ablations import _device_files
+def _downlink(cloud, ctx: Context, blob: dict, reps: int) -> list[tuple[str, int, float]]:
+    from device.models import bundled_files
 
-    files = _device_files(ctx)
+    from .chats import DEVICE_QUANT
+
     full = ctx.work / "full-gguf-pair.bin"
     with open(full, "wb") as f:
-        for p in files.values():
+        for p in bundled_files(DEVICE_QUANT, ctx.model_dir):
             f.write(Path(p).read_bytes())
     items = [("downlink: full GGUF pair (model q4_0 + mmproj f32)", full),
-             ("downlink: full fp16 delta of the merged update", Path(job["delta_blob"])),
-             ("downlink: **DWC patch** (48 KiB budget)", Path(job["dwc"][str(DEFAULT_BUDGET)]["path"]))]
+             ("downlink: full fp16 delta of the merged update", ctx.delta),
+             (f"downlink: **DWC patch** ({DEFAULT_BUDGET // 1024} KiB budget)", ctx.patch)]
     token = cloud.add_device("tx-down")
     client = CloudClient(cloud.url, token, retries=2, backoff=0.1)
     rows = []
