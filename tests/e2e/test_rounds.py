@@ -16,7 +16,7 @@ from PIL import Image
 from cloud.families import family_for
 from cloud.fidelity import fidelity
 from cloud.loopback import LoopbackCloud
-from cloud.zoo.streams import drift_stream
+from cloud.zoo.streams import ROUND_DRIFTS as DRIFT, drift_stream
 from device.contracts.config import load_settings
 from device.contracts.dataset import read_llava
 from device.contracts.image import load_image
@@ -29,7 +29,6 @@ from device.session import ChatSession
 from device.sync import DEFAULT_EVAL, SyncOptions, run_sync
 from device.uplink import CloudClient
 
-DRIFT = (("noise", "texture"), ("combo", "rotate"))  # the user's images shift between rounds
 CHATS = 400  # per round: 280 source + 120 drifted
 GAIN_PTS = 0.05  # every round: the drifted domains' mean rises by >= 5 points, interval above 0
 DROP_PTS = 0.02  # ... and no domain falls by more than 2 points
