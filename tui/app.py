@@ -14,11 +14,11 @@ from typing import Any
 
 from textual import on, work
 from textual.app import App, ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Footer, Input, TabbedContent, TabPane
 
+from tui import keys
 from tui.backend import Backend
 from tui.versions import TAB_ROUNDS, VersionActions
 from tui.screens import HelpScreen
@@ -48,22 +48,7 @@ class CdccaApp(VersionActions, App[None]):
     AUTO_FOCUS = None  # the question field gets focus once, at start (not after every dialog)
     # taller terminals get the image at full size (32x32 pixels = 32x16 cells)
     VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
-    # Every action is on a function key or ctrl+q: no letter typed into a question can reach one,
-    # even with the focus outside the inputs (Tab cycles between the two inputs only).  The tab
-    # digits and "i" only move the view, and only fire when no input has the focus.
-    BINDINGS = [
-        Binding("f5", "sync", "Sync"),
-        Binding("f2", "upload", "Upload"),
-        Binding("f6", "cancel_round", "Cancel"),
-        Binding("f9", "switch_version", "Versions"),
-        Binding("f10", "toggle_dark", "Theme"),
-        Binding("f1", "help", "Help"),
-        Binding("ctrl+q", "quit", "Quit"),
-        Binding("1", "tab('chat')", "Chat tab", show=False),
-        Binding("2", "tab('rounds')", "Rounds tab", show=False),
-        Binding("3", "tab('plots')", "Plots tab", show=False),
-        Binding("i", "focus_question", "Type a question", show=False),
-    ]
+    BINDINGS = keys.BINDINGS  # function keys for actions; see tui/keys.py
 
     def __init__(self, backend: Backend, image: str | Path | None = None,
                  health_interval: float | None = 15.0, watch_interval: float | None = 1.0) -> None:
@@ -143,14 +128,7 @@ class CdccaApp(VersionActions, App[None]):
         self.entropy_plot.show(*self.state.entropy_histogram())
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        running = self.state.round.running
-        if action == "sync":
-            return None if running else True
-        if action == "cancel_round":
-            return True if running and not self.state.round.cancelling else None
-        if action == "switch_version":
-            return None if running or len(self.state.versions) < 2 else True
-        return True
+        return keys.available(action, self.state)
 
     # --- model and device data ------------------------------------------------------------
     @work(thread=True, exclusive=True, group="model")

@@ -1,4 +1,5 @@
-"""Modal screens: the help screen (key bindings, what the colours mean) and a yes/no confirmation."""
+"""Modal screens: the help screen (key bindings from ``tui/keys.py``, what the colours mean) and a yes/no
+confirmation."""
 from __future__ import annotations
 
 from rich.table import Table
@@ -10,24 +11,12 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
 from cdcca_cli.render import legend
+from tui.keys import KEYS
 
 ABOUT = ("Ask the device model about an image. Every answer token is shaded by its entropy; "
          "▲ marks a sample UTS kept for the uplink. A round uploads the queue, lets the cloud "
          "distil its teacher into the device model and applies the small patch it sends back. "
          "Actions are on function keys, so nothing you type can trigger one.")
-
-KEYS = [("Enter", "in the image field: preview it; in the question field: ask"),
-        ("Tab", "the other input (Tab never leaves the inputs)"),
-        ("Esc / i", "leave the inputs (for 1 2 3) / back to the question"),
-        ("F5", "sync: one cloud round (check, measure, upload, distil, compress, download, apply, evaluate)"),
-        ("F6", "cancel the running round"),
-        ("F2", "upload the queue now"),
-        ("F9", "versions: roll back to the parent, or on the Rounds tab switch to the highlighted "
-               "version (asks first; Tab to Yes, then Enter)"),
-        ("1 2 3", "tabs: chat, rounds (downlink + versions), plots (outside the inputs)"),
-        ("F10", "dark / light theme"),
-        ("F1", "this help"),
-        ("ctrl+q", "quit")]
 
 
 def help_table(bindings: list[tuple[str, str]]) -> Table:
