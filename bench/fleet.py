@@ -1,4 +1,4 @@
-"""Section 5 -- a fleet against a cloud of separate processes (issues 11 and 13): one
+"""Section 4 -- a fleet against a cloud of separate processes (issues 11 and 13): one
 ``cdcca cloud serve --workers 0`` API process and two round-worker processes on PostgreSQL
 (SQLite if no PostgreSQL is installed, said in the notes), N device processes each with its own
 token and durable queue uploading through the product client (``sync_queue``).
@@ -10,14 +10,11 @@ token and durable queue uploading through the product client (``sync_queue``).
 
 Exactly-once is checked in SQL on the store.  The workers run a *synthetic* CPU-bound round
 (a busy loop of ``fleet_round_s`` seconds, progress reported like a real round) so that the
-section measures the queue and the scheduling, not AKD (sections 1-4 measure that).
+section measures the queue and the scheduling, not AKD (sections 1 and 5 measure that).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,181 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from .common import Context, Section
-from .synth import synthetic_id, synthetic_sample
+from .fleet_procs import ROOT, CloudProcs, fleet_device
+from .synth import synthetic_id
 from .table import Table, na, num
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- processes ------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _hwm_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-class CloudProcs:
-    """The API and the workers as child processes sharing one home folder and database."""
-
-    def __init__(self, home: Path, db_url: str | None, round_s: float, workers: int = 2) -> None:
-        self.home, self.db_url, self.round_s, self.n_workers = home, db_url, round_s, workers
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api: subprocess.Popen | None = None
-        self.workers: list[subprocess.Popen] = []
-        self.peak = {"api": 0.0, "worker": 0.0}
-        self._stop = threading.Event()
-        self._watch = threading.Thread(target=self._sample_rss, daemon=True)
-
-    def _env(self) -> dict[str, str]:
-        env = {**os.environ, "CDCCA_HOME": str(self.home), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT)}
-        if self.db_url:
-            env["CDCCA_DB_URL"] = self.db_url
-        return env
-
-    def start(self) -> "CloudProcs":
-        self.start_api()
-        log = open(self.home / "workers.log", "ab")
-        self.workers = [subprocess.Popen([sys.executable, "-m", "bench.fleet", "worker", str(self.round_s)],
-                                         env=self._env(), stdout=log, stderr=log) for _ in range(self.n_workers)]
-        self._watch.start()
-        return self
-
-    def start_api(self) -> None:
-        import httpx
-
-        log = open(self.home / "api.log", "ab")
-        self.api = subprocess.Popen([sys.executable, "-m", "cdcca_cli", "cloud", "serve", "--workers", "0",
-                                     "--host", "127.0.0.1", "--port", str(self.port)],
-                                    env=self._env(), stdout=log, stderr=log)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError(f"the cloud API did not start; see {self.home / 'api.log'}")
-
-    def kill_api(self) -> None:
-        self.peak["api"] = max(self.peak["api"], _hwm_mib(self.api.pid))
-        self.api.send_signal(signal.SIGKILL)
-        self.api.wait(30)
-
-    def _sample_rss(self) -> None:
-        while not self._stop.wait(0.2):
-            if self.api is not None and self.api.poll() is None:
-                self.peak["api"] = max(self.peak["api"], _hwm_mib(self.api.pid))
-            for w in self.workers:
-                self.peak["worker"] = max(self.peak["worker"], _hwm_mib(w.pid))
-
-    def stop(self) -> None:
-        self._stop.set()
-        for p in [self.api, *self.workers]:
-            if p is not None and p.poll() is None:
-                p.terminate()
-        for p in [self.api, *self.workers]:
-            if p is not None:
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-
-
-def busy_round(round_s: float):
-    """The workers' synthetic round: burns one core for ``round_s`` seconds like training would."""
-    def run(ctx):
-        t0 = time.monotonic()
-        x = np.random.default_rng(0).standard_normal((128, 128))
-        while (elapsed := time.monotonic() - t0) < round_s:
-            for _ in range(20):
-                x = np.tanh(x @ x.T / 128)
-            ctx.progress("distil", min(0.99, elapsed / round_s), "synthetic round")
-        ctx.patch_path.write_bytes(b"GGUF synthetic patch " + ctx.round_id.encode())
-        return {"samples": len(ctx.samples), "seconds": round(time.monotonic() - t0, 3)}
-
-    return run
-
-
-# --- one device (a spawned process) ---------------------------------------------------------------
-
-def _product_client(url: str, token: str):
-    """The device's CloudClient with the product's own retry policy (a time budget that rides
-    out a restart), recording the wall time of every sample-upload request, retries included."""
-    from device.uplink import CloudClient
-
-    class TimedClient(CloudClient):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.latencies: list[float] = []
-
-        def _json(self, method, path, **kwargs):
-            t = time.perf_counter()
-            try:
-                return super()._json(method, path, **kwargs)
-            finally:
-                if method == "POST" and path == "/v1/samples":
-                    self.latencies.append(time.perf_counter() - t)
-
-    return TimedClient(url, token)
-
-
-def fleet_device(url: str, token: str, qdir: str, device: str, n: int, batch: int, seed: int, ready, go,
-                 go_rounds, results, do_round: bool, deadline_s: float = 600.0) -> None:
-    """Upload like `cdcca sync` (re-sync from the durable queue after a failed sync), then
-    optionally request one round and wait for it."""
-    from device.contracts.wire import RoundOptions, RoundRequest
-    from device.queue import Queue
-    from device.uplink import CloudError, sync_queue
-
-    q = Queue(Path(qdir) / "queue.sqlite")
-    for i in range(n):
-        q.add(synthetic_sample(device, i, seed))
-    client = _product_client(url, token)
-    ready.put(device)
-    go.wait()
-    t0, accepted, dups, errors = time.time(), 0, 0, 0
-    while time.time() - t0 < deadline_s:
-        try:
-            r = sync_queue(q, client, batch_size=batch)
-            accepted += len(r.accepted)
-            dups += len(r.duplicates)
-        except CloudError:
-            errors += 1
-            q.reset_sent_to_pending()
-            time.sleep(0.1)
-        if q.stats().pending == 0:
-            break
-    st = q.stats()
-    results.put(("upload", {"device": device, "latencies": client.latencies, "accepted": accepted,
-                            "duplicates": dups, "errors": errors, "pending": st.pending,
-                            "t_start": t0, "t_end": time.time()}))
-    q.close()
-    if do_round:
-        go_rounds.wait()
-        t = time.time()
-        try:
-            rid = client.start_round(RoundRequest(base_model="0" * 16, options=RoundOptions(max_samples=n))).round_id
-            final = client.wait_round(rid, poll=0.2, timeout=deadline_s)
-            results.put(("round", {"device": device, "state": final.state, "message": final.message,
-                                   "queue_wait_s": (final.started_at - final.created_at).total_seconds(),
-                                   "run_s": (final.finished_at - final.started_at).total_seconds(),
-                                   "requested": t, "finished": time.time(), "round_id": rid}))
-        except CloudError as exc:
-            results.put(("round", {"device": device, "state": "error", "message": str(exc)}))
-    client.close()
 
 
 # --- a phase ----------------------------------------------------------------------------------------
@@ -382,7 +207,7 @@ def _tables(sec: Section, p, steady: dict, restart: dict, peak: dict, db_note: s
     rs = restart["restart"]
     t.notes = [
         f"Cloud: `cdcca cloud serve --workers 0` (uvicorn + FastAPI) and 2 `cdcca cloud worker`-style processes "
-        f"(bench.fleet worker: the product Worker with a synthetic round), store on {db_note}. "
+        f"(bench.fleet_procs worker: the product Worker with a synthetic round), store on {db_note}. "
         f"{p.fleet_devices} device processes (spawn), each with its own token and SQLite queue of {p.fleet_samples} "
         f"schema-valid synthetic UplinkSamples (~2 KB PNG each), uploading with `sync_queue` in requests of "
         f"{p.fleet_batch}. Latency = one upload request as the device's CloudClient sees it, retries included.",
@@ -428,15 +253,6 @@ def _tables(sec: Section, p, steady: dict, restart: dict, peak: dict, db_note: s
     if rs["stored_at_restart"] >= rs["expected"]:
         sec.findings.append("The uploads finished before the restart: the restart run did not exercise recovery.")
 
-
-def _worker_main(round_s: float) -> None:
-    """`python -m bench.fleet worker ROUND_S`: the product's worker loop with the synthetic round."""
-    from cloud.worker import run_worker
-    from device.contracts.config import load_settings
-
-    run_worker(load_settings(), busy_round(round_s), poll_s=0.2)
-
-
 def _section_main(profile: str, out: Path) -> None:
     """`python -m bench.fleet run quick|full OUT`: this section alone; OUT/fleet.json + a summary."""
     import json
@@ -460,7 +276,5 @@ def _section_main(profile: str, out: Path) -> None:
           f"{r['idle_status_p50_ms']:.1f}/{r['idle_status_p99_ms']:.1f} ms idle; peak RSS {sec.data['peak_rss_mib']}")
 
 
-if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "worker":
-    _worker_main(float(sys.argv[2]))
-elif __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "run":
+if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "run":
     _section_main(sys.argv[2], Path(sys.argv[3]))
