@@ -11,6 +11,13 @@ from pathlib import Path
 
 from .base import PARTS, Example, Family, FamilyError, RowMap, Twin, collate, load_teacher
 
+# a round loads the twin, the teacher and patched twins: one tqdm bar each from transformers would
+# drown the round's own progress (sync's stage rows, the demo, the TUI's log) -- the cloud reports
+# its progress through RoundStatus instead
+from transformers.utils import logging as _hf_logging  # noqa: E402
+
+_hf_logging.disable_progress_bar()
+
 _REGISTRY: list[type[Family]] = []
 
 

@@ -7,6 +7,8 @@ What it does not give is the inverse -- which GGUF rows an HF row lands in -- an
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -76,7 +78,11 @@ def load_causal_lm(model_gguf: Path):
 
     model_gguf = Path(model_gguf)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_gguf.parent, gguf_file=model_gguf.name, dtype=torch.float32)
+        # the GGUF loader draws its own tqdm bar on stderr on every load (a round loads the twin and
+        # each patched twin); the round reports progress through RoundStatus, so it is swallowed
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(model_gguf.parent, gguf_file=model_gguf.name,
+                                                         dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(model_gguf.parent, gguf_file=model_gguf.name)
     except (ValueError, KeyError, NotImplementedError) as e:
         raise FamilyError(f"{model_gguf.name}: transformers' GGUF loader refused it ({str(e).splitlines()[0]})") from None
