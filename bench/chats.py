@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from device.contracts.config import load_settings
+from device.contracts.config import Settings, load_settings
 from device.contracts.image import decode_image
 from device.contracts.metrics import exact
 from device.contracts.wire import UplinkSample
@@ -23,7 +23,7 @@ from device.queue import Queue
 from device.session import ChatSession
 from device.uts import ChatRecord, UTSConfig, select
 
-DEVICE_QUANT = "q4_0"  # what the device installs by default (Settings.device_quant)
+DEVICE_QUANT = Settings.model_fields["device_quant"].default  # what the device installs by default
 TARGETS = ("texture", "noise", "combo", "rotate")
 DOMAINS = ("source",) + TARGETS
 

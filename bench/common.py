@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from device.contracts.wire import RoundOptions
+
 from .profiles import Profile
 from .table import Table
 
-DEFAULT_BUDGET = 48 * 1024  # the product's downlink budget (RoundOptions.downlink_budget_bytes)
+DEFAULT_BUDGET = RoundOptions().downlink_budget_bytes  # the product's downlink budget (bytes)
+BUDGET_KIB = f"{DEFAULT_BUDGET / 1024:g} KiB"  # how the report names it
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from device.contracts.config import DEFAULT_MODEL_DIR
 
-from . import device_perf, env, fleet, plots, report, seam, seam_continual, transmission
+from . import env, report, seam, seam_continual
 from .chats import DOMAINS, run_chats
 from .common import DEFAULT_BUDGET, Context
 from .profiles import PROFILES
@@ -37,6 +37,8 @@ def run_bench(profile: str = "quick", out: Path = Path("results"), seeds: int | 
               keep_work: bool = False) -> Path:
     model_dir, out = Path(model_dir), Path(out)
     check_model_dir(model_dir)
+    from . import device_perf, fleet, plots, transmission  # after the check: a refusal stays instant
+
     t0 = time.time()
     prof = PROFILES[profile].with_seeds(seeds)
     prof = replace(prof, workers=workers) if workers is not None else prof

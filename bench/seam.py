@@ -17,7 +17,7 @@ from device.contracts.metrics import paired_bootstrap, seed_interval, wilson
 from device.contracts.wire import RoundOptions
 
 from .chats import DOMAINS
-from .common import DEFAULT_BUDGET, Section, mean, pts, std
+from .common import BUDGET_KIB, DEFAULT_BUDGET, Section, mean, pts, std
 from .seam_jobs import FULL_FT_SEED, chat_seed, drifted_pair, equal_bytes_index
 from .table import Table, mean_std, na, num
 
@@ -28,7 +28,7 @@ METHODS = (  # (key, label, stream kinds it runs on)
     ("vanilla", "Vanilla KD on ALL chats (no selection)", ("drift",)),
     ("random", "Random selection at equal uplink bytes (AKD all terms)", STREAMS),
     ("cdcca_full", "CDCCA, every changed row shipped (UTS + AKD, no DWC budget)", ("drift",)),
-    ("cdcca", "**CDCCA** (UTS + AKD + DWC patch, 48 KiB)", STREAMS),
+    ("cdcca", f"**CDCCA** (UTS + AKD + DWC patch, {BUDGET_KIB})", STREAMS),
     ("oracle", "Oracle (same adapters, CE on ground truth of every chat; upper bound)", ("drift",)),
     ("fullft", "Full fine-tune on ground truth of all domains (capacity ceiling; upper bound)", ("drift",)),
     ("teacher", "Teacher (HF checkpoint, torch-measured; upper bound)", ("drift",)),
@@ -87,7 +87,7 @@ def full_ft_job(prof, work: Path) -> dict:
 def correct_of(res: dict, method: str, kind: str, seed: int) -> list[float]:
     if method == "fullft":
         return res["fullft"]["patches"]["unlimited"]["correct"]
-    if method == "cdcca48-nofisher":  # DWC ablation: the 48 KiB patch without Fisher importance
+    if method == "cdcca-budget-nofisher":  # DWC ablation: the budget patch without Fisher importance
         return res[f"{kind}-cdcca-s{seed}"]["patches"][f"{DEFAULT_BUDGET}-nofisher"]["correct"]
     if method in ("source", "teacher"):
         return res["base"]["student" if method == "source" else "teacher"]
@@ -198,13 +198,13 @@ def build(res: dict, seeds: list[int], uplink: dict, prof) -> Section:
     _derived(sec, res, data["drift"], seeds)
     sec.tables.append(ablation_table(sec, res, seeds_of(prof)[: prof.ablation_seeds]))
     sec.tables[0].notes.append("Not measured in this report: UTS mask-ratio and DWC byte-budget sweeps "
-                               "(one budget, 48 KiB, and the every-row update are the rows above).")
+                               f"(one budget, {BUDGET_KIB}, and the every-row update are the rows above).")
     sec.data = {"streams": data, "eval_per_domain": n_per, "seeds": seeds}
     return sec
 
 
 def ablation_table(sec: Section, res: dict, seeds: list[int]) -> Table:
-    """One lever at a time against CDCCA's every-row update (AKD terms, replay) or its 48 KiB patch
+    """One lever at a time against CDCCA's every-row update (AKD terms, replay) or its budget patch
     (DWC's Fisher importance), paired on the same seeds and questions."""
     doms = res["base"]["domains"]
     t = Table("seam_ablations", f"Ablations on the drift stream, seeds {', '.join(map(str, seeds))}: "
@@ -213,8 +213,8 @@ def ablation_table(sec: Section, res: dict, seeds: list[int]) -> Table:
     rows = [("cdcca_full", "CDCCA's AKD (CE + KD + feature, replay), every row", "cdcca_full"),
             ("pseudo", "CE only (pseudo-labels), every row", "cdcca_full")]
     rows += [(j, label + ", every row", "cdcca_full") for j, label, _ in ABLATIONS]
-    rows += [("cdcca", "DWC 48 KiB, Fisher importance per byte (CDCCA)", "cdcca"),
-             ("cdcca48-nofisher", "DWC 48 KiB, relative update norm instead of Fisher", "cdcca")]
+    rows += [("cdcca", f"DWC {BUDGET_KIB}, Fisher importance per byte (CDCCA)", "cdcca"),
+             ("cdcca-budget-nofisher", f"DWC {BUDGET_KIB}, relative update norm instead of Fisher", "cdcca")]
     for key, label, ref in rows:
         per = [correct_of(res, key, "drift", s) for s in seeds]
         d, lo, hi = paired(res, key, ref, "drift", seeds)
@@ -249,7 +249,7 @@ def _derived(sec: Section, res: dict, drift: dict, seeds: list[int]) -> None:
     fp = mean([mean(_pick(res[f"drift-cdcca-s{s}"]["full_precision"], doms, drifted_pair(s))) for s in seeds])
     for what, ref in (("full-precision merged update (torch)", fp), ("every-row q4_0 patch (device)", m["cdcca_full"])):
         g = ref - m["source"]
-        sec.findings.append(f"Gain kept by the 48 KiB patch vs the {what}: "
+        sec.findings.append(f"Gain kept by the {BUDGET_KIB} patch vs the {what}: "
                             + (f"{100 * (m['cdcca'] - m['source']) / g:.0f} % ({pts(m['cdcca'] - m['source'])} of "
                                f"{pts(g)})." if g > 1e-9 else f"n/a, that update gains {pts(g)} (nothing to keep)."))
     sd = seed_interval(drift["cdcca"]["drifted_per_seed"])

@@ -1,8 +1,8 @@
 """Continual rounds on the family seam: drifts arrive one after another; each round the device
 (llama.cpp, its CURRENT version) answers a fresh drift stream (70 % source, 30 % the round's domain),
 UTS keeps what it keeps, the cloud's own ``cloud.round_job.run_round`` (teacher labels -> AKD ->
-Fisher -> 48 KiB DWC patch, registered as the next version) learns from it, and the patched device
-is measured on the held-out set.  The question is issue 12's: does each earlier domain keep its gain?"""
+Fisher -> DWC patch within the product's downlink budget, registered as the next version) learns
+from it, and the patched device is measured on the held-out set.  The question is issue 12's: does each earlier domain keep its gain?"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +11,7 @@ from pathlib import Path
 from device.contracts.metrics import paired_bootstrap
 
 from .chats import DOMAINS
-from .common import Section, mean, pts
+from .common import BUDGET_KIB, Section, mean, pts
 from .table import Table, na, num
 
 KEEP_FRACTION = 0.9  # issue 12: after the rounds each earlier domain keeps >= 90 % of its gain
@@ -94,7 +94,8 @@ def build(res: dict, prof) -> Section:
     t.notes = [f"Each round: a fresh drift stream of {rounds[1]['chats'] if len(rounds) > 1 else 0} chats (70 % "
                "source, 30 % the round's domain), answered by the device's current version with the product's "
                "UTS; the cloud's run_round learns from what UTS kept "
-               f"({prof.steps} AKD steps, 48 KiB patch); one seed (1), {doms.count('source')} held-out VQA per domain."]
+               f"({prof.steps} AKD steps, {BUDGET_KIB} patch budget); one seed (1), {doms.count('source')} held-out "
+               "VQA per domain."]
     sec.tables.append(t)
     last = rounds[-1]["correct"]
     for i, r in enumerate(rounds[1:], 1):

@@ -15,7 +15,7 @@ from device.contracts.config import load_settings
 from device.contracts.wire import RoundOptions, RoundRequest, UploadRequest
 from device.uplink import CloudClient
 
-from .common import DEFAULT_BUDGET, Context, Section
+from .common import BUDGET_KIB, Context, Section
 from .synth import synthetic_sample
 from .table import Table, num
 
@@ -86,7 +86,7 @@ def run(ctx: Context) -> Section:
         "CloudClient.download_patch (streamed, sha256-verified, fsynced): the device's full GGUF pair (what a full "
         "model replace ships), the fp16 delta of every changed tensor of seed "
         f"{stream.seed}'s merged CDCCA update (family seam: AKD on the HF twin), and its DWC patch at the "
-        f"{DEFAULT_BUDGET // 1024} KiB budget (a bench round runner hands each file to the server as the round's patch).",
+        f"{BUDGET_KIB} budget (a bench round runner hands each file to the server as the round's patch).",
         f"Times: median of {p.transfer_reps} repeat(s) over loopback on this machine, so they measure per-byte and "
         "per-request costs of the stack, not a real network; the byte ratios are what a real link would see.",
     ]
@@ -145,7 +145,7 @@ def _downlink(cloud, ctx: Context, blob: dict, reps: int) -> list[tuple[str, int
             f.write(Path(p).read_bytes())
     items = [("downlink: full GGUF pair (model q4_0 + mmproj f32)", full),
              ("downlink: full fp16 delta of the merged update", ctx.delta),
-             (f"downlink: **DWC patch** ({DEFAULT_BUDGET // 1024} KiB budget)", ctx.patch)]
+             (f"downlink: **DWC patch** ({BUDGET_KIB} budget)", ctx.patch)]
     token = cloud.add_device("tx-down")
     client = CloudClient(cloud.url, token, retries=2, backoff=0.1)
     rows = []
