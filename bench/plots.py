@@ -56,6 +56,23 @@ def accuracy_bars(sec, out: Path) -> str:
     return _save(fig, out / "accuracy_per_domain.png")
 
 
+def budget_curve(sec, out: Path) -> str:
+    """Drifted-domain accuracy of the same merged update shipped under each DWC budget."""
+    d = sec.data["dwc_budget"]
+    pts = [c for c in d["curve"] if c["budget"] != "unlimited"]
+    every = next(c for c in d["curve"] if c["budget"] == "unlimited")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot([c["bytes"] / 1024 for c in pts], [c["drifted"] for c in pts], "o-", label="DWC patch (device-measured)")
+    ax.plot([every["bytes"] / 1024], [every["drifted"]], "s", label="every changed row")
+    ax.axhline(d["source"], color="grey", ls=":", label="before (device as shipped)")
+    ax.set_xscale("log")
+    ax.set_xlabel("downlink KiB (log)")
+    ax.set_ylabel("drifted-domain mean VQA")
+    ax.legend(fontsize=7)
+    ax.set_title("DWC byte budget sweep")
+    return _save(fig, out / "dwc_budget_sweep.png")
+
+
 def continual_lines(sec, out: Path) -> str:
     """Device accuracy per domain after each continual round, with 95 % Wilson intervals."""
     per, n = sec.data["per_domain"], sec.data["n_per_domain"]
@@ -90,7 +107,7 @@ def fleet_hist(sec, out: Path) -> str:
 
 
 def all_plots(sections: dict, out: Path) -> None:
-    for key, fns in (("accuracy", [accuracy_bars]), ("continual", [continual_lines]), ("fleet", [fleet_hist])):
+    for key, fns in (("accuracy", [accuracy_bars, budget_curve]), ("continual", [continual_lines]), ("fleet", [fleet_hist])):
         if key in sections:
             for fn in fns:
                 sections[key].plots.append(fn(sections[key], out))

@@ -68,6 +68,7 @@ def stream_jobs(prof, kind: str, seed: int, stream, work: Path, uplink: dict) ->
         jobs[1]["delta_blob"] = True
     if kind == "drift" and seed in seeds_of(prof)[: prof.ablation_seeds]:
         jobs[1]["nofisher_budget"] = DEFAULT_BUDGET
+        jobs[1]["budgets"] += [b for b in sweep_budgets(prof) if b not in jobs[1]["budgets"]]
         jobs += [dict(base, name=name(j), samples=uts, akd=_akd(prof, seed, **sw)) for j, _, sw in ABLATIONS]
     if kind == "drift":
         jobs += [dict(base, name=name("pseudo"), samples=uts, akd=_akd(prof, seed, kd=False, feat=False)),
@@ -75,6 +76,11 @@ def stream_jobs(prof, kind: str, seed: int, stream, work: Path, uplink: dict) ->
                  dict(base, name=name("oracle"), samples=every, labels="truth", truths=stream.truths(every),
                       akd=_akd(prof, seed, kd=False, feat=False))]
     return jobs
+
+
+def sweep_budgets(prof) -> list[int]:
+    """The DWC byte budgets of the sweep, the product's own included, ascending."""
+    return sorted({DEFAULT_BUDGET, *(k * 1024 for k in prof.dwc_budgets_kib)})
 
 
 def full_ft_job(prof, work: Path) -> dict:
@@ -93,6 +99,8 @@ def correct_of(res: dict, method: str, kind: str, seed: int) -> list[float]:
         return res["base"]["student" if method == "source" else "teacher"]
     if method == "cdcca":
         return res[f"{kind}-cdcca-s{seed}"]["patches"][str(DEFAULT_BUDGET)]["correct"]
+    if method.startswith("dwc-"):  # the DWC budget sweep: "dwc-<bytes>"
+        return res[f"{kind}-cdcca-s{seed}"]["patches"][method[4:]]["correct"]
     job = "cdcca" if method == "cdcca_full" else method
     return res[f"{kind}-{job}-s{seed}"]["patches"]["unlimited"]["correct"]
 
@@ -197,10 +205,44 @@ def build(res: dict, seeds: list[int], uplink: dict, prof) -> Section:
     sec.tables.append(w)
     _derived(sec, res, data["drift"], seeds)
     sec.tables.append(ablation_table(sec, res, seeds_of(prof)[: prof.ablation_seeds]))
-    sec.tables[0].notes.append("Not measured in this report: UTS mask-ratio and DWC byte-budget sweeps "
-                               f"(one budget, {BUDGET_KIB}, and the every-row update are the rows above).")
-    sec.data = {"streams": data, "eval_per_domain": n_per, "seeds": seeds}
+    sweep = budget_table(sec, res, seeds_of(prof)[: prof.ablation_seeds], prof)
+    sec.tables[0].notes.append("Not measured in this report: a UTS mask-ratio sweep (the product's UTS "
+                               "settings are the rows above).")
+    sec.data = {"streams": data, "eval_per_domain": n_per, "seeds": seeds, "dwc_budget": sweep}
     return sec
+
+
+def budget_table(sec: Section, res: dict, seeds: list[int], prof) -> dict:
+    """The DWC byte-budget sweep: the same merged CDCCA update (drift stream) shipped under each
+    budget, every patch measured on the device and paired against shipping every changed row."""
+    doms = res["base"]["domains"]
+    t = Table("seam_dwc_budget", f"DWC byte budget on the drift stream, seeds {', '.join(map(str, seeds))}: the same "
+              "merged update, device-measured", ["downlink", "patch KiB", "rows patched", "Fisher importance kept",
+                                                 "drifted mean VQA", "minus every row", "95% CI low", "95% CI high"])
+    src = mean([mean(_pick(correct_of(res, "source", "drift", s), doms, drifted_pair(s))) for s in seeds])
+    full = mean([mean(_pick(correct_of(res, "cdcca_full", "drift", s), doms, drifted_pair(s))) for s in seeds])
+    curve = []
+    for b in [str(x) for x in sweep_budgets(prof)] + ["unlimited"]:
+        pats = [res[f"drift-cdcca-s{s}"]["patches"][b] for s in seeds]
+        key = "cdcca_full" if b == "unlimited" else f"dwc-{b}"
+        acc = [mean(_pick(correct_of(res, key, "drift", s), doms, drifted_pair(s))) for s in seeds]
+        d, lo, hi = paired(res, key, "cdcca_full", "drift", seeds)
+        label = "every changed row (no budget)" if b == "unlimited" else f"budget {int(b) / 1024:g} KiB" + (
+            " (CDCCA)" if int(b) == DEFAULT_BUDGET else "")
+        t.add(label, [mean_std([p["bytes"] / 1024 for p in pats], "{:.1f}"), mean_std([p["rows"] for p in pats], "{:.0f}"),
+                      mean_std([p["importance_kept"] for p in pats]), mean_std(acc), num(d), num(lo), num(hi)])
+        curve.append({"budget": b, "bytes": mean([p["bytes"] for p in pats]), "drifted": mean(acc), "diff": [d, lo, hi]})
+    t.notes = ["Each patch re-quantizes its chosen rows to the device's types and is applied to a copy of the "
+               "device GGUFs through the device's patch path, then measured by llama.cpp; 'minus every row' is the "
+               "paired bootstrap over every (seed, question) of the drifted domains. 'Fisher importance kept' is the "
+               "share of the update's Fisher-weighted importance the budget's rows carry."]
+    sec.tables.append(t)
+    for c in curve[:-1]:
+        d, lo, hi = c["diff"]
+        verdict = "measurably below" if hi < 0 else ("measurably above" if lo > 0 else "not measurably different from")
+        sec.findings.append(f"DWC budget {int(c['budget']) / 1024:g} KiB ({c['bytes'] / 1024:.1f} KiB shipped): {pts(d)} "
+                            f"vs every changed row (95 % CI {pts(lo)} .. {pts(hi)}): {verdict} shipping every row.")
+    return {"curve": curve, "source": src, "every_row": full}
 
 
 def ablation_table(sec: Section, res: dict, seeds: list[int]) -> Table:

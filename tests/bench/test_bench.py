@@ -29,7 +29,7 @@ from device.contracts.config import DEFAULT_MODEL_DIR
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("## 1. Accuracy after one round on the family seam", "## 2. Transmission", "## 3. Device performance",
             "## 4. Fleet", "## 5. Continual rounds", "## Where CDCCA", "## Timing")
-PLOTS = ("accuracy_per_domain.png", "continual_rounds.png", "fleet_latency.png")
+PLOTS = ("accuracy_per_domain.png", "dwc_budget_sweep.png", "continual_rounds.png", "fleet_latency.png")
 
 
 def _cdcca(*args: str, home: Path) -> subprocess.CompletedProcess:
@@ -127,6 +127,11 @@ def test_accuracy_tables_are_device_measured_and_wins_follow_the_intervals(tiny)
     assert any("% of the device GGUF pair" in f for f in sec["findings"])
     cdcca = next(r for r in drift["rows"] if r["label"].startswith("**CDCCA**"))
     assert 0 < cdcca["cells"]["downlink KiB"]["value"] <= DEFAULT_BUDGET / 1024
+    sweep = tables["seam_dwc_budget"]
+    assert [r["label"] for r in sweep["rows"]] == ["budget 8 KiB", "budget 48 KiB (CDCCA)", "every changed row (no budget)"]
+    kib = [r["cells"]["patch KiB"]["value"] for r in sweep["rows"]]
+    assert kib[0] <= 8 and kib[1] <= DEFAULT_BUDGET / 1024 and kib == sorted(kib)  # each patch within its budget
+    assert sweep["rows"][-1]["cells"]["minus every row"]["value"] == 0.0
     cont = {t["key"]: t for t in js["sections"]["continual"]["tables"]}["seam_continual"]
     assert [r["label"] for r in cont["rows"]] == ["start (device as shipped)", "after round 1 (noise)"]
 
