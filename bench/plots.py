@@ -73,6 +73,28 @@ def budget_curve(sec, out: Path) -> str:
     return _save(fig, out / "dwc_budget_sweep.png")
 
 
+def mask_sweep(sec, out: Path) -> str:
+    """UTS mask ratio: uplink bytes (bars) against teacher-label and after-round accuracy (lines)."""
+    m = sec.data["mask_sweep"]
+    r = sorted(m, key=float)
+    x = [float(k) for k in r]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.bar(x, [m[k]["bytes"] / 1024 for k in r], width=0.12, color="#bbb", label="uplink KiB")
+    ax.set_xlabel("visual-token mask ratio")
+    ax.set_ylabel("uplink KiB (kept samples)")
+    ax2 = ax.twinx()
+    ax2.plot(x, [m[k]["drifted"] for k in r], "o-", label="drifted mean VQA after the round (device)")
+    ax2.plot(x, [m[k]["label_acc"] if m[k]["label_acc"] is not None else np.nan for k in r], "s--",
+             label="teacher label accuracy (kept QA)")
+    ax2.set_ylabel("accuracy")
+    ax2.set_ylim(0, 1.05)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+    ax.set_title("UTS mask ratio: bytes vs accuracy")
+    return _save(fig, out / "mask_sweep.png")
+
+
 def continual_lines(sec, out: Path) -> str:
     """Device accuracy per domain after each continual round, with 95 % Wilson intervals."""
     per, n = sec.data["per_domain"], sec.data["n_per_domain"]
@@ -107,7 +129,7 @@ def fleet_hist(sec, out: Path) -> str:
 
 
 def all_plots(sections: dict, out: Path) -> None:
-    for key, fns in (("accuracy", [accuracy_bars, budget_curve]), ("continual", [continual_lines]), ("fleet", [fleet_hist])):
+    for key, fns in (("accuracy", [accuracy_bars, budget_curve, mask_sweep]), ("continual", [continual_lines]), ("fleet", [fleet_hist])):
         if key in sections:
             for fn in fns:
                 sections[key].plots.append(fn(sections[key], out))

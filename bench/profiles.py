@@ -29,6 +29,7 @@ class Profile:
     fleet_round_s: float = 3.0  # the fleet's synthetic round, per worker
     fleet_round_devices: int = 8  # devices requesting a round at the same moment
     dwc_budgets_kib: tuple[int, ...] = (8, 16, 32, 96)  # DWC sweep beside the product budget (ablation seeds)
+    mask_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # UTS visual-token mask sweep (first reported seed)
 
     def with_seeds(self, seeds: int | None) -> "Profile":
         return self if not seeds else replace(self, seeds=seeds, ablation_seeds=min(self.ablation_seeds, seeds))
@@ -38,7 +39,8 @@ PROFILES = {
     "tiny": Profile("tiny", seeds=1, chats_per_domain=10, steps=4, batch_size=16, eval_n=12, replay_n=200,
                     ablation_seeds=1, continual_domains=("noise",), fleet_devices=2, fleet_samples=6, fleet_batch=2,
                     perf_prompts=6, perf_reps=1, transfer_reps=1, memcpy_mib=16, fleet_restart_s=1.0,
-                    fleet_round_s=0.5, fleet_round_devices=2, dwc_budgets_kib=(8,)),
+                    fleet_round_s=0.5, fleet_round_devices=2, dwc_budgets_kib=(8,),
+                    mask_ratios=(0.0, 0.5)),
     "quick": Profile("quick", seeds=3, chats_per_domain=100, steps=100, batch_size=48, eval_n=300, replay_n=4000,
                      ablation_seeds=1, continual_domains=("noise", "texture", "combo"), fleet_devices=8,
                      fleet_samples=50, fleet_batch=5, perf_prompts=60, perf_reps=3, transfer_reps=3, memcpy_mib=128,

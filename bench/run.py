@@ -13,11 +13,11 @@ from pathlib import Path
 
 from device.contracts.config import DEFAULT_MODEL_DIR
 
-from . import env, report, seam, seam_continual
+from . import env, report, seam, seam_continual, seam_mask
 from .chats import DOMAINS, run_chats
 from .common import DEFAULT_BUDGET, Context
 from .profiles import PROFILES
-from .seam_jobs import Runner, chat_seed, device_model, is_hf_build, stream_samples
+from .seam_jobs import Runner, chat_seed, device_model, drifted_pair, is_hf_build, stream_samples
 
 
 def log(msg: str, t0: float) -> None:
@@ -59,8 +59,10 @@ def run_bench(profile: str = "quick", out: Path = Path("results"), seeds: int | 
                 st = run_chats(stream_samples(kind, s, n), home=work / f"chat-{kind}-{s}", model=dm, seed=s)
                 log(f"seed {s} {kind}: {len(st.chats)} chats on the device, UTS kept {len(st.kept_samples)}", t0)
                 jobs += seam.stream_jobs(prof, kind, s, st, work, uplink)
-                if kind == "drift" and s == ss[0]:
+                if kind == "drift" and s == ss[0]:  # transmission's uplink and the mask sweep's chats
                     ctx.stream = st
+                    mask_jobs, mask_info = seam_mask.jobs(prof, st, s, work, seam.akd_config(prof, s))
+                    jobs += mask_jobs
         timings["chat streams (device)"] = time.time() - t
         t = time.time()
         log(f"{len(jobs)} training/evaluation jobs on {prof.workers} worker(s)", t0)
@@ -72,6 +74,7 @@ def run_bench(profile: str = "quick", out: Path = Path("results"), seeds: int | 
         ctx.delta = Path(lead["delta_blob"])
         t = time.time()
         sections = {"accuracy": seam.build(res, ss, uplink, prof), "continual": seam_continual.build(res, prof)}
+        seam_mask.build(sections["accuracy"], res, mask_info, drifted_pair(ss[0]))
         sections["accuracy"].compute_s = sum(x["seconds"] for k, x in res.items() if k != "continual")
         sections["continual"].compute_s = res["continual"]["seconds"]
         for sec in sections.values():

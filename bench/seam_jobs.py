@@ -161,7 +161,8 @@ def _train(spec: dict) -> dict:
         dset.labels = teacher.answer(dset.images, dset.questions)
     t = time.perf_counter()
     merged, stats = distil_twin(twin, teacher, dset, _W["replay"], AKDConfig(**spec["akd"]))
-    out = {"akd": stats, "distil_seconds": time.perf_counter() - t, "n_samples": len(dset), "patches": {}}
+    out = {"akd": stats, "distil_seconds": time.perf_counter() - t, "n_samples": len(dset), "patches": {},
+           "labels": list(dset.labels)}
     fisher = None
     if any(b is not None for b in spec["budgets"]):
         ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]

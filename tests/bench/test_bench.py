@@ -29,7 +29,8 @@ from device.contracts.config import DEFAULT_MODEL_DIR
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("## 1. Accuracy after one round on the family seam", "## 2. Transmission", "## 3. Device performance",
             "## 4. Fleet", "## 5. Continual rounds", "## Where CDCCA", "## Timing")
-PLOTS = ("accuracy_per_domain.png", "dwc_budget_sweep.png", "continual_rounds.png", "fleet_latency.png")
+PLOTS = ("accuracy_per_domain.png", "dwc_budget_sweep.png", "mask_sweep.png", "continual_rounds.png",
+         "fleet_latency.png")
 
 
 def _cdcca(*args: str, home: Path) -> subprocess.CompletedProcess:
@@ -132,6 +133,14 @@ def test_accuracy_tables_are_device_measured_and_wins_follow_the_intervals(tiny)
     kib = [r["cells"]["patch KiB"]["value"] for r in sweep["rows"]]
     assert kib[0] <= 8 and kib[1] <= DEFAULT_BUDGET / 1024 and kib == sorted(kib)  # each patch within its budget
     assert sweep["rows"][-1]["cells"]["minus every row"]["value"] == 0.0
+    mask = tables["seam_mask_sweep"]["rows"]
+    assert [r["label"] for r in mask] == ["0.00 (product default)", "0.50"]
+    swept = sec["data"]["mask_sweep"]["0.50"]
+    said = any("UTS masked NO image" in n for n in tables["seam_mask_sweep"]["notes"])
+    assert said == (swept["masked_images"] == 0)  # the report says when the mask never reached an image
+    if swept["masked_images"]:
+        assert mask[1]["cells"]["uplink KiB"]["value"] < mask[0]["cells"]["uplink KiB"]["value"]
+    assert mask[0]["cells"]["drifted minus product ratio"]["value"] == 0.0
     cont = {t["key"]: t for t in js["sections"]["continual"]["tables"]}["seam_continual"]
     assert [r["label"] for r in cont["rows"]] == ["start (device as shipped)", "after round 1 (noise)"]
 
