@@ -7,7 +7,9 @@ every trained row written into a copy of the device GGUFs and measured there, pe
 Wilson intervals per row, paired-bootstrap differences for every comparison (a *win* only when the
 interval excludes 0) -> report.md / results.json with sentences generated from the numbers.
 
-Seed 0 is the development seed and is never reported: the reported seeds are 1..k.
+The section also holds the one-lever ablations and the DWC byte-budget sweep (here) and the UTS
+mask-ratio sweep (bench/seam_mask.py).  Seed 0 is the development seed and is never reported: the
+reported seeds are 1..k.
 """
 from __future__ import annotations
 

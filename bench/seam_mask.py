@@ -81,8 +81,9 @@ def build(sec: Section, res: dict, info: dict, drifted: tuple[str, ...]) -> None
     unmasked = [r for r, x in rows.items() if r > 0 and x["masked_images"] == 0]
     if unmasked:
         t.notes.append(f"At ratio(s) {', '.join(f'{r:.2f}' for r in unmasked)} UTS masked NO image: on this model the "
-                       "visual tokens do not map 1:1 onto the image's patch grid (pixel-shuffle connector), and "
-                       "device/uts.py masks image patches only then; only the visual-token payload changes.")
+                       "visual tokens do not map 1:1 onto the image's patch grid (e.g. a pixel-shuffle connector), and "
+                       "device/uts.py masks image patches only then: the cloud receives the unmasked image and the "
+                       "bytes differ only through the rest of the payload.")
     sec.tables.append(t)
     for r, x in rows.items():
         if r == DEFAULT_RATIO:
