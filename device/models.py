@@ -35,6 +35,12 @@ class DeviceModel:
     version: str | None
     estimator: StatsEstimator | None = None  # learns this model's stats from its first chats
 
+    @property
+    def lineage(self) -> str:
+        """What this model's adaptive UTS window is filed under: its version store (a patch keeps
+        the model's score scale, so versions share one window), else the files' content id."""
+        return f"store:{self.store.name}" if self.store is not None else f"id:{self.id}"
+
     def files(self) -> dict[str, Path]:
         return {"model": self.model} | ({"mmproj": self.mmproj} if self.mmproj else {})
 

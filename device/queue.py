@@ -52,8 +52,10 @@ _SCHEMA = (
         id        INTEGER PRIMARY KEY CHECK (id = 1),
         chats     INTEGER NOT NULL DEFAULT 0,
         raw_bytes INTEGER NOT NULL DEFAULT 0)""",
-    # recent sample-stage scores, so adaptive UTS keeps its running quantile across processes
-    "CREATE TABLE IF NOT EXISTS recent (id INTEGER PRIMARY KEY, entropy REAL NOT NULL, ood REAL)",
+    # recent sample-stage scores, so adaptive UTS keeps its running quantile across processes;
+    # per model lineage (``model``): one model's entropy scale says nothing about another's
+    "CREATE TABLE IF NOT EXISTS recent (id INTEGER PRIMARY KEY, entropy REAL NOT NULL, ood REAL,"
+    " model TEXT NOT NULL DEFAULT '')",
 )
 RECENT_KEEP = 4096
 
@@ -131,16 +133,23 @@ def default_path() -> Path:
     return load_settings().queue_path
 
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of queue.sqlite; bump with a migration step below
+SCHEMA_VERSION = 2  # PRAGMA user_version of queue.sqlite; bump with a migration step below
 
 
 def _check_version(db: sqlite3.Connection, path: Path) -> None:
     """Stamp the schema version (issue 13, item 5); refuse a queue written by a newer cdcca
-    rather than guess at its rows.  Version 0 is a file from before versions: same tables."""
+    rather than guess at its rows, and migrate an older one in the same transaction.
+
+    0 -> 1: a file from before versions, same tables.  1 -> 2: ``recent`` gains ``model``; the old
+    rows keep ``''`` (their model is unknown), so every model's adaptive window starts afresh."""
     found = db.execute("PRAGMA user_version").fetchone()[0]
     if found > SCHEMA_VERSION:
         raise RuntimeError(f"{path}: queue schema version {found} is newer than this cdcca's "
                            f"({SCHEMA_VERSION}); upgrade cdcca")
+    cols = {r[1] for r in db.execute("PRAGMA table_info(recent)")}
+    if "model" not in cols:
+        db.execute("ALTER TABLE recent ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+    db.execute("CREATE INDEX IF NOT EXISTS recent_by_model ON recent (model, id)")
     if found < SCHEMA_VERSION:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -243,19 +252,23 @@ class Queue:
         return QueueStats(counts.get("pending", 0), counts.get("sent", 0), counts.get("acknowledged", 0),
                           pend, shipped, raw, seen[0], seen[1])
 
-    def note_seen(self, raw_bytes: int, entropy: float | None = None, ood: float | None = None) -> None:
-        """Count one answered chat (kept or not), its no-selection uplink size and its scores."""
+    def note_seen(self, raw_bytes: int, entropy: float | None = None, ood: float | None = None,
+                  model: str = "") -> None:
+        """Count one answered chat (kept or not), its no-selection uplink size and its scores,
+        filed under ``model`` (the model lineage that produced them)."""
         with self._tx() as db:
             db.execute("INSERT INTO seen (id, chats, raw_bytes) VALUES (1, 1, ?) ON CONFLICT(id) DO UPDATE "
                        "SET chats = chats + 1, raw_bytes = raw_bytes + excluded.raw_bytes", (int(raw_bytes),))
             if entropy is not None:
-                db.execute("INSERT INTO recent (entropy, ood) VALUES (?, ?)", (float(entropy), ood))
-                db.execute("DELETE FROM recent WHERE id <= (SELECT max(id) FROM recent) - ?", (RECENT_KEEP,))
+                db.execute("INSERT INTO recent (entropy, ood, model) VALUES (?, ?, ?)", (float(entropy), ood, model))
+                db.execute("DELETE FROM recent WHERE model = ? AND id <= (SELECT id FROM recent WHERE model = ? "
+                           "ORDER BY id DESC LIMIT 1 OFFSET ?)", (model, model, RECENT_KEEP))
 
-    def recent_scores(self, n: int) -> list[tuple[float, float | None]]:
-        """The last ``n`` (entropy, ood) sample scores, oldest first."""
+    def recent_scores(self, n: int, model: str = "") -> list[tuple[float, float | None]]:
+        """The last ``n`` (entropy, ood) sample scores of ``model``, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT entropy, ood FROM recent ORDER BY id DESC LIMIT ?", (int(n),)).fetchall()
+            rows = self._db.execute("SELECT entropy, ood FROM recent WHERE model = ? ORDER BY id DESC LIMIT ?",
+                                    (model, int(n))).fetchall()
         return [(r[0], r[1]) for r in reversed(rows)]
 
     def integrity_check(self) -> str:

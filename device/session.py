@@ -76,7 +76,7 @@ class ChatSession:
     def __post_init__(self):
         self.gate = SampleGate(self.uts)
         if self.queue is not None:  # adaptive UTS continues its running quantile from earlier runs
-            for h, o in self.queue.recent_scores(self.uts.window):
+            for h, o in self.queue.recent_scores(self.uts.window, self.model.lineage):
                 self.gate(h, o)
 
     @classmethod
@@ -108,7 +108,7 @@ class ChatSession:
                               gen.visual_embeddings, self.tag)
             decision = select(chat, self.uts, self.model.stats, self.gate)
             ood = decision.ood_score if (self.model.stats is not None and gen.visual_embeddings is not None) else None
-            self.queue.note_seen(decision.raw_bytes, decision.entropy, ood)
+            self.queue.note_seen(decision.raw_bytes, decision.entropy, ood, self.model.lineage)
             if decision.kept and decision.sample is not None:
                 # INSERT OR IGNORE: False when this image + question is already in the queue
                 queued = self.queue.add(decision.sample, decision.shipped_bytes)

@@ -169,3 +169,52 @@ def test_queue_file_carries_a_schema_version(tmp_path) -> None:
     db.close()
     with pytest.raises(RuntimeError, match="newer than this cdcca"):
         Queue(path)
+
+
+def test_adaptive_window_is_per_model(tmp_path) -> None:
+    """Issue 15, item 3: one model's recent UTS scores never seed another model's window."""
+    from device.queue import Queue
+
+    with Queue(tmp_path / "queue.sqlite") as q:
+        for i in range(5):
+            q.note_seen(100, 0.1 * i, None, "store:default-q4_0")
+            q.note_seen(100, 5.0 + i, 1.0, "store:mine")
+        assert q.recent_scores(3, "store:default-q4_0") == [(0.2, None), (0.30000000000000004, None), (0.4, None)]
+        assert [h for h, _ in q.recent_scores(10, "store:mine")] == [5.0, 6.0, 7.0, 8.0, 9.0]
+        assert q.recent_scores(10, "id:other") == []
+        assert q.stats().chats_seen == 10
+
+
+def test_window_trim_keeps_each_models_newest(tmp_path, monkeypatch) -> None:
+    import device.queue as dq
+
+    monkeypatch.setattr(dq, "RECENT_KEEP", 3)
+    with dq.Queue(tmp_path / "queue.sqlite") as q:
+        for i in range(6):
+            q.note_seen(1, float(i), None, "a")
+            if i < 2:
+                q.note_seen(1, 10.0 + i, None, "b")
+        assert [h for h, _ in q.recent_scores(10, "a")] == [3.0, 4.0, 5.0]
+        assert [h for h, _ in q.recent_scores(10, "b")] == [10.0, 11.0]  # another model's trim spares them
+
+
+def test_version_1_queue_migrates_and_keeps_its_samples(tmp_path) -> None:
+    """A queue written before scores were filed per model (schema 1) opens, keeps every row, and
+    its old scores (model unknown) seed no model's window."""
+    import sqlite3
+
+    from device.queue import SCHEMA_VERSION, Queue
+
+    path = tmp_path / "queue.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE recent (id INTEGER PRIMARY KEY, entropy REAL NOT NULL, ood REAL)")
+    db.executemany("INSERT INTO recent (entropy, ood) VALUES (?, ?)", [(1.0, None), (2.0, 0.5)])
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Queue(path) as q:
+        assert q.recent_scores(10, "store:default-q4_0") == []
+        assert q.recent_scores(10, "") == [(1.0, None), (2.0, 0.5)]
+        q.note_seen(1, 3.0, None, "store:default-q4_0")
+        assert q.recent_scores(10, "store:default-q4_0") == [(3.0, None)]
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
