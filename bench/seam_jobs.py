@@ -20,7 +20,6 @@ import numpy as np
 from .pool import JobPool
 from .chats import DEVICE_QUANT, TARGETS
 
-DRIFT_SOURCE_FRACTION = 0.7  # the drift stream: 70 % source chats, 30 % the round's drifted domains
 PAIRS = tuple(itertools.combinations(TARGETS, 2))  # the two drifted domains of a round
 CHAT_SEED_BASE = 5000  # scenes: student/teacher training use build seed + 0..7, eval + 1000, replay + 4000
 FULL_FT_SEED = 6000  # the capacity ceiling's ground-truth training scenes
@@ -43,20 +42,13 @@ def chat_seed(seed: int) -> int:
 
 
 def stream_samples(kind: str, seed: int, n: int, drifted: tuple[str, ...] | None = None):
-    """``n`` generated chats of one stream, shuffled: ``drift`` = 70 % source + 30 % split over the
-    drifted domains (default: the seed's pair); ``all-target`` = every chat from them."""
-    from cloud.zoo import scenes
+    """``n`` generated chats of one stream (cloud.zoo.streams, the demo's and e2e test's too):
+    ``drift`` = 70 % source + 30 % split over the drifted domains (default: the seed's pair);
+    ``all-target`` = every chat from them."""
+    from cloud.zoo.streams import DRIFT_SOURCE_FRACTION, drift_stream
 
-    pair = drifted or drifted_pair(seed)
-    n_src = int(round(DRIFT_SOURCE_FRACTION * n)) if kind == "drift" else 0
-    n_t = n - n_src
-    per = [n_t // len(pair) + (1 if i < n_t % len(pair) else 0) for i in range(len(pair))]
-    salt = 0 if kind == "drift" else 50
-    flat = scenes.generate("source", n_src, chat_seed(seed) + salt) if n_src else []
-    for d, k in zip(pair, per):
-        flat += scenes.generate(d, k, chat_seed(seed) + salt)
-    order = np.random.default_rng([chat_seed(seed), salt]).permutation(len(flat))
-    return [flat[i] for i in order]
+    return drift_stream(n, drifted or drifted_pair(seed), chat_seed(seed),
+                        DRIFT_SOURCE_FRACTION if kind == "drift" else 0.0, 0 if kind == "drift" else 50)
 
 
 def device_model(model_dir: Path):

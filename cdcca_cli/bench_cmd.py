@@ -12,13 +12,13 @@ from .main import app
 
 @app.command()
 def bench(
-    quick: bool = typer.Option(False, "--quick", help="the <= 10-minute profile (2 seeds, fewer AKD steps)"),
+    quick: bool = typer.Option(False, "--quick", help="the short profile (3 held-out seeds instead of 5)"),
     out: Path = typer.Option(Path("results"), "--out", help="folder for report.md, results.json and the PNG plots"),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="chat streams / AKD seeds for table 1"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="training processes (default 2)"),
     profile: Optional[str] = typer.Option(None, "--profile", hidden=True, help="tiny | quick | full (tests use tiny)"),
-    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="embedded build folder (default: the shipped "
-                                             "default); an HF build (teacher/ inside) runs on the family seam"),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="a cdcca build folder (default: the shipped "
+                                             "assets/default; `cdcca models build --out DIR` makes one)"),
 ):
     """Benchmark the whole system with fixed seeds: accuracy vs baselines, ablations, transmission,
     device speed, a fleet with a cloud restart, and continual rounds."""
