@@ -134,7 +134,7 @@ def make_patch(base: Path, out: Path, rows: int = 24) -> Path:
     from gguf.quants import dequantize
 
     from cloud import ggml_quant
-    from device.contracts.patch_format import make_patch_from_arrays
+    from cloud.patch_build import make_patch_from_arrays
 
     r = GGUFReader(base, "r")
     pick = [t for t in r.tensors if t.name.startswith("blk.") and ggml_quant.supported(t.tensor_type)

@@ -28,7 +28,9 @@ import gguf
 import numpy as np
 import torch
 
-from device.contracts.patch_format import make_patch_from_arrays, read_patch, row_nbytes
+from device.contracts.patch_format import read_patch, row_nbytes
+
+from .patch_build import make_patch_from_arrays
 from device.patch import plan_patch, verify_written, write_placements
 
 from . import ggml_quant

@@ -15,7 +15,8 @@ from gguf.quants import dequantize, quantize as gguf_quantize
 
 from cloud import ggml_quant
 from cloud.ggml_quant import QuantError
-from device.contracts.patch_format import QUANTIZABLE, make_patch_from_arrays, read_patch
+from cloud.patch_build import QUANTIZABLE, make_patch_from_arrays
+from device.contracts.patch_format import read_patch
 from device.patch import apply_to_files
 from tiny_hf import tiny_llama
 

@@ -18,7 +18,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gguf import GGMLQuantizationType, GGUFReader
 
-from device.contracts.patch_format import make_patch_from_arrays
+from cloud.patch_build import make_patch_from_arrays
 from device.contracts.signing import public_key_b64, sign_patch
 
 RID = "0123456789abcdef"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cloud import ggml_quant
 from device.contracts.config import DEFAULT_MODEL_DIR, load_settings
 from device.contracts.feature_stats import FEATURE_STATS_FILE, FeatureStats
-from device.contracts.patch_format import make_patch_from_arrays
+from cloud.patch_build import make_patch_from_arrays
 from device.model_stats import MIN_IMAGES
 from device.models import active_name, add_user_model, open_device_model, set_active
 from device.queue import Queue

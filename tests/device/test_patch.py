@@ -22,7 +22,8 @@ from gguf.quants import quantize
 
 from device.contracts import patch_format as pf
 from device.contracts.atomic import temp_target
-from device.contracts.patch_format import PatchError, make_patch_from_arrays, read_patch
+from cloud.patch_build import make_patch_from_arrays
+from device.contracts.patch_format import PatchError, read_patch
 from device.patch import apply_to_files
 from device.versions import VersionError, VersionStore
 

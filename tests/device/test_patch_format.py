@@ -13,11 +13,9 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
+from cloud.patch_build import QUANTIZABLE, UnsupportedQuantType, make_patch_from_arrays, quantize_rows
 from device.contracts import patch_format as pf
-from device.contracts.patch_format import (
-    PatchEntry, PatchError, PatchMeta, UnsupportedQuantType, make_patch_from_arrays, quantize_rows,
-    read_patch, rows_bytes, write_patch,
-)
+from device.contracts.patch_format import PatchEntry, PatchError, PatchMeta, read_patch, rows_bytes, write_patch
 
 # torch-order shapes ([out, in]); non-square ones catch any ggml/torch order mix-up
 LAYOUT = {
@@ -107,7 +105,7 @@ def test_rows_bytes_bounds():
         rows_bytes(T.Q4_0, (48, 10), 0, 1)
 
 
-@pytest.mark.parametrize("t", sorted(pf.QUANTIZABLE, key=int))
+@pytest.mark.parametrize("t", sorted(QUANTIZABLE, key=int))
 def test_quantize_rows_equals_slice_of_whole_tensor(t):
     a = np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)
     whole = np.ascontiguousarray(quantize(a, t)).view(np.uint8).reshape(16, -1)

@@ -8,7 +8,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from device.contracts.config import DEFAULT_MODEL_DIR
-from device.contracts.patch_format import make_patch_from_arrays
+from cloud.patch_build import make_patch_from_arrays
 from device.runtime import Runtime, RuntimeConfig
 from device.versions import VersionStore
 
