@@ -27,6 +27,7 @@ from device.preflight import NothingToLearn, preflight
 from device.queue import Queue
 from device.resume import clear_inflight, follow, load_inflight, release, sync_lock
 from device.runtime import Runtime, RuntimeConfig
+from device import eval_cache
 from device.smoke import smoke_test
 from device.trust import private_dir, trusted_key
 from device.queue_sync import sync_queue
@@ -95,14 +96,21 @@ def _check(cancel: threading.Event | None) -> None:
         raise InterruptedError("sync cancelled")
 
 
-def _eval(model: DeviceModel, opts: SyncOptions, threads: int) -> dict | None:
+def _eval(model: DeviceModel, opts: SyncOptions, threads: int, device_dir: Path) -> tuple[dict | None, bool]:
+    """(accuracy, reused): measured by llama.cpp, or read back when these exact model bytes were
+    measured on this exact eval set before (device.eval_cache)."""
     if not opts.evaluate or not Path(opts.eval_path).is_file():
-        return None
+        return None, False
+    key = eval_cache.cache_key(model.id, Path(opts.eval_path), opts.eval_per_domain)
+    hit = eval_cache.load(device_dir, key)
+    if hit is not None:
+        return hit, True
     qas = load_eval_set(opts.eval_path, opts.eval_per_domain)
     with Runtime(RuntimeConfig(model.model, model.mmproj, n_threads=threads)) as rt:
         res = evaluate(rt, qas)
     res.pop("answers", None)
-    return res
+    eval_cache.save(device_dir, key, res, model.version)
+    return res, False
 
 
 def run_sync(settings: Settings, client: CloudClient, opts: SyncOptions | None = None, quant: str | None = None,
@@ -133,8 +141,8 @@ def _run_locked(settings: Settings, client: CloudClient, opts: SyncOptions, quan
     stage("check", 1.0, f"resuming round {rec.round_id}" if rec else f"{pending} samples to upload")
     _check(cancel)
     stage("measure", 0.0, "measuring the current model on the held-out set")
-    rep.accuracy_before = _eval(model, opts, settings.threads)
-    stage("measure", 1.0, "")
+    rep.accuracy_before, reused = _eval(model, opts, settings.threads, settings.device_dir)
+    stage("measure", 1.0, f"measured before on these exact bytes ({model.version}): reused" if reused else "")
     _check(cancel)
     _upload(settings, client, model, rep, stage)
 
@@ -168,7 +176,7 @@ def _run_locked(settings: Settings, client: CloudClient, opts: SyncOptions, quan
         Runtime(RuntimeConfig(new_model.model, new_model.mmproj, n_threads=settings.threads)).close()
         rep.reload_seconds = time.perf_counter() - t
     stage("evaluate", 0.0, "measuring the patched device model")
-    rep.accuracy_after = _eval(new_model, opts, settings.threads)
+    rep.accuracy_after, _ = _eval(new_model, opts, settings.threads, settings.device_dir)
     stage("evaluate", 1.0, "done")
     return rep
 
