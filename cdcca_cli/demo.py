@@ -44,7 +44,7 @@ def _chat_stream(settings, domains, n: int, seed: int, img_dir: Path, show: int 
             if shown < show and turn.queued:
                 shown += 1
                 console.print(f"  [{s.domain}] {s.question}  ->  ", shaded(turn.pieces, [t.entropy for t in turn.tokens]),
-                              f"  [dim](truth: {s.answer}; kept by UTS: {turn.decision.reason})[/]")
+                              f"  [dim](truth: {s.answer}; UTS {turn.decision.reason})[/]")
         sess.close()
         st = q.stats()
     console.print(f"  {n} chats ({100 * DRIFT_SOURCE_FRACTION:.0f} % source) in {time.time() - t0:.1f}s; UTS kept {kept} "

@@ -342,7 +342,7 @@ def _pixels(rec: ChatRecord) -> np.ndarray | None:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def _pack(rec: ChatRecord, cfg: UTSConfig, tok_ood: np.ndarray | None, head: dict) -> UTSDecision:
+def _pack(rec: ChatRecord, cfg: UTSConfig, tok_ood: np.ndarray | None, head: dict, why: str = "") -> UTSDecision:
     """Token stage + the cheapest-degradation search under the per-sample budget.
 
     ``head`` holds the sample-stage numbers (score, entropy, ood_score, raw_bytes) of the decision.
@@ -383,7 +383,8 @@ def _pack(rec: ChatRecord, cfg: UTSConfig, tok_ood: np.ndarray | None, head: dic
         size = len(sample.model_dump_json())
         smallest = size if smallest is None else min(smallest, size)
         if cfg.sample_budget_bytes is None or size <= cfg.sample_budget_bytes:
-            return UTSDecision(True, f"kept: {plan.describe()}", sample, shipped_bytes=size, **head)
+            because = f"{why}; " if why else ""  # the sample stage's reason, then what is shipped
+            return UTSDecision(True, f"kept: {because}ships {plan.describe()}", sample, shipped_bytes=size, **head)
     why = f"over the sample budget: smallest payload {smallest} bytes > {cfg.sample_budget_bytes}"
     return UTSDecision(False, why, None, shipped_bytes=0, **head)
 
@@ -412,7 +413,7 @@ def select(rec: ChatRecord, cfg: UTSConfig, stats: FeatureStats | None = None,
     head = dict(score=score, entropy=entropy, ood_score=ood or 0.0, raw_bytes=raw_bytes(rec))
     if not keep:
         return UTSDecision(False, f"confident: {why}", None, shipped_bytes=0, **head)
-    return _pack(rec, cfg, tok_ood, head)
+    return _pack(rec, cfg, tok_ood, head, why)
 
 
 def select_round(samples: Iterable[UplinkSample], budget_bytes: int | None) -> list[UplinkSample]:
