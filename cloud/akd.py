@@ -30,15 +30,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 
+from device.contracts.wire import RoundOptions
+
 from .families import PARTS, Example, Twin, collate
 from .families.teacher import Teacher
 
 
+_ROUND = RoundOptions.model_fields  # the round's defaults are declared once, in the wire contract
+
+
 @dataclass
 class AKDConfig:
-    steps: int = 150
+    steps: int = _ROUND["steps"].default
     batch_size: int = 48
-    lr: float = 1e-3
+    lr: float = _ROUND["learning_rate"].default
     lora_rank: int = 8
     lora_alpha: int = 16
     language_adapter: bool = True

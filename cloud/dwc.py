@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from device.contracts.patch_format import read_patch, row_nbytes
+from device.contracts.wire import RoundOptions
 
 from .patch_build import make_patch_from_arrays
 from device.patch import plan_patch, verify_written, write_placements
@@ -41,7 +42,7 @@ ENTRY_OVERHEAD = 160  # JSON entry + tensor info bytes per patched range (measur
 
 @dataclass
 class DWCConfig:
-    budget_bytes: int | None = 48 * 1024  # None = ship every changed row
+    budget_bytes: int | None = RoundOptions.model_fields["downlink_budget_bytes"].default  # None = every changed row
     block_rows: int = 8
     fisher: bool = True
     fisher_batches: int = 6
