@@ -41,7 +41,7 @@ def render_turn(turn: ChatTurn) -> Group:
     # the UTS outcome on a line of its own, wrapped, so the reason stays readable at 80 columns
     if turn.kept:
         mark = Text(f"{KEPT} kept for uplink ({human_bytes(turn.shipped_bytes)}): ", style="bold yellow")
-        mark.append(turn.reason, style="yellow")
+        mark.append(turn.reason.removeprefix("kept: "), style="yellow")  # the marker already says "kept"
         parts.append(mark)
     elif turn.kept is False:
         parts.append(Text(f"· not kept: {turn.reason}", style="dim"))
