@@ -11,13 +11,14 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cloud.zoo.hf_assets import is_build_folder
 from device.contracts.config import DEFAULT_MODEL_DIR
 
 from . import env, report, seam, seam_continual, seam_mask
 from .chats import DOMAINS, run_chats
 from .common import DEFAULT_BUDGET, Context
 from .profiles import PROFILES
-from .seam_jobs import Runner, chat_seed, device_model, drifted_pair, is_hf_build, stream_samples
+from .seam_jobs import Runner, chat_seed, device_model, drifted_pair, stream_samples
 
 
 def log(msg: str, t0: float) -> None:
@@ -26,8 +27,8 @@ def log(msg: str, t0: float) -> None:
 
 def check_model_dir(model_dir: Path) -> None:
     """One clear line for a folder the bench cannot run on."""
-    if not is_hf_build(model_dir):
-        raise ValueError(f"{model_dir}: not an HF build folder (no teacher/config.json); cdcca bench runs on the "
+    if not is_build_folder(model_dir):
+        raise ValueError(f"{model_dir}: not an HF build folder (no teacher/config.json + manifest.json); cdcca bench runs on the "
                          "family seam and needs a folder built by `cdcca models build` (default: "
                          f"{DEFAULT_MODEL_DIR})")
 

@@ -27,11 +27,6 @@ FULL_FT_SEED = 6000  # the capacity ceiling's ground-truth training scenes
 _W: dict = {}
 
 
-def is_hf_build(model_dir: Path) -> bool:
-    """An HF build folder (teacher/ checkpoint beside the device GGUFs): what the bench runs on."""
-    return (Path(model_dir) / "teacher" / "config.json").is_file()
-
-
 def drifted_pair(seed: int) -> tuple[str, str]:
     """Seed s drifts the (s-1)-th pair: the seeds cycle through the pairs, none chosen by hand."""
     return PAIRS[(seed - 1) % len(PAIRS)]

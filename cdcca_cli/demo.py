@@ -21,7 +21,6 @@ from .common import console, one_line_errors, round_option
 from .main import app
 
 
-
 def _chat_stream(settings, domains, n: int, seed: int, img_dir: Path, show: int = 3) -> None:
     from PIL import Image
 

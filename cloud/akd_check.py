@@ -25,8 +25,10 @@ from device.contracts.config import DEFAULT_MODEL_DIR
 
 def main(build: Path = DEFAULT_MODEL_DIR, steps: int = 20) -> None:
     torch.set_num_threads(1)
-    if not (build / "teacher" / "config.json").is_file():
-        raise SystemExit(f"{build}: not a cdcca build folder (no teacher/config.json)")
+    from .zoo.hf_assets import is_build_folder
+
+    if not is_build_folder(build):
+        raise SystemExit(f"{build}: not a cdcca build folder (no teacher/config.json + manifest.json)")
     from .akd import AKDConfig, DistillSet, distil_twin
     from .families import family_for
     from .families.teacher import Teacher

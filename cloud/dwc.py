@@ -30,12 +30,11 @@ import torch
 
 from device.contracts.patch_format import read_patch, row_nbytes
 from device.contracts.wire import RoundOptions
-
-from .patch_build import make_patch_from_arrays
 from device.patch import plan_patch, verify_written, write_placements
 
 from . import ggml_quant
 from .families import Twin, collate, family_for
+from .patch_build import make_patch_from_arrays
 
 ENTRY_OVERHEAD = 160  # JSON entry + tensor info bytes per patched range (measured, approximate)
 

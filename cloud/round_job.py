@@ -201,6 +201,8 @@ def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: P
     assets/default: its ``teacher/`` and the ``data/`` files its manifest names)."""
     from device.contracts.config import DEFAULT_MODEL_DIR
 
+    from .zoo.hf_assets import is_build_folder
+
     registry = ModelRegistry(settings.cloud_dir / "models")
     if teacher is not None:
         if not (Path(teacher) / "config.json").is_file():
@@ -211,7 +213,7 @@ def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: P
         assets = HFAssets(Path(teacher), Path(replay) if replay else None, Path(eval_set) if eval_set else None)
         return lambda ctx: run_round(ctx, registry, assets)
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
-    if not ((model_dir / "teacher" / "config.json").is_file() and (model_dir / "manifest.json").is_file()):
+    if not is_build_folder(model_dir):
         raise FamilyError(f"{model_dir}: not a cdcca build folder (no teacher/config.json + manifest.json); "
                           "pass --teacher DIR or run `cdcca models build`")
     assets = HFAssets.embedded(model_dir)

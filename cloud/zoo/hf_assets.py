@@ -11,6 +11,13 @@ from device.contracts.model_id import file_sha256 as sha256_file  # the one file
 
 from .scenes import DOMAINS
 
+
+def is_build_folder(model_dir: str | Path) -> bool:
+    """A folder `cdcca models build` wrote: the HF teacher checkpoint and the manifest that names
+    the device files and data sets.  The one test the round runner and the bench both apply."""
+    d = Path(model_dir)
+    return (d / "teacher" / "config.json").is_file() and (d / "manifest.json").is_file()
+
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 DEFAULT_QUANT = "q4_0"
 

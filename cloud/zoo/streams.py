@@ -30,5 +30,6 @@ def drift_stream(n: int, drifted: tuple[str, ...], seed: int, source_fraction: f
     order = np.random.default_rng([seed, salt]).permutation(len(flat))
     return [flat[i] for i in order]
 
+
 # the demo's and the e2e test's two rounds: a low-level shift, then a semantic one
 ROUND_DRIFTS = (("noise", "texture"), ("combo", "rotate"))

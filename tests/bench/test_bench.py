@@ -22,7 +22,8 @@ import pytest
 from bench.common import DEFAULT_BUDGET
 from bench.profiles import PROFILES
 from bench.seam import METHODS, seeds_of
-from bench.seam_jobs import PAIRS, drifted_pair, equal_bytes_index, is_hf_build, stream_samples
+from bench.seam_jobs import PAIRS, drifted_pair, equal_bytes_index, stream_samples
+from cloud.zoo.hf_assets import is_build_folder
 from bench.table import Table, mean_std, na, num
 from device.contracts.config import DEFAULT_MODEL_DIR
 
@@ -168,7 +169,7 @@ def test_transmission_device_and_fleet_measure_what_they_claim(tiny):
 def test_a_folder_that_is_not_an_hf_build_is_refused_in_one_line(tmp_path):
     from bench.run import run_bench
 
-    assert is_hf_build(DEFAULT_MODEL_DIR) and not is_hf_build(tmp_path)
+    assert is_build_folder(DEFAULT_MODEL_DIR) and not is_build_folder(tmp_path)
     with pytest.raises(ValueError, match="not an HF build folder"):
         run_bench("tiny", tmp_path / "out", model_dir=tmp_path)
     r = _cdcca("bench", "--profile", "tiny", "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path),
