@@ -172,6 +172,15 @@ def worker(
     teacher: Optional[Path] = typer.Option(None, "--teacher", help=TEACHER_HELP),
     replay: Optional[Path] = typer.Option(None, "--replay", help=REPLAY_HELP),
     eval_set: Optional[Path] = typer.Option(None, "--eval", help=EVAL_HELP),
+    train_processes: Optional[int] = typer.Option(
+        None, "--train-processes", min=1,
+        help="train each round on N processes under `accelerate launch` (one per GPU; gloo on CPU); "
+             "default: settings' train_processes (1 = in this process)"),
+    accelerate_config: Optional[Path] = typer.Option(
+        None, "--accelerate-config", exists=True, dir_okay=False,
+        help="accelerate config file passed to the training launch (e.g. FSDP, GPU ids)"),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp",
+                                        help="shard the twin with FSDP in the training launch (multi-GPU)"),
 ):
     """Claim queued rounds from the store and run them (AKD + DWC), until stopped."""
     with one_line_errors():
@@ -185,7 +194,8 @@ def worker(
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(message)s")
         if nice:
             os.nice(nice)
-        settings = load_settings()
+        settings = load_settings(train_processes=train_processes, accelerate_config=accelerate_config,
+                                 train_fsdp=fsdp)
         # The runner's registry is <home>/cloud/models, where the API puts device uploads.
         runner = make_runner(settings, model_dir, teacher=teacher, replay=replay, eval_set=eval_set)
         stop = threading.Event()

@@ -129,6 +129,22 @@ def _ce(logits: torch.Tensor, ex: Sequence[Example]) -> tuple[torch.Tensor, list
     return F.cross_entropy(logits[bi, pos], tgt.to(logits.device)), bi, pos, tgt
 
 
+def _merged(acc: Accelerator, model, twin: Twin, cfg: AKDConfig):
+    """The adapters merged into the twin.  Under FSDP each rank holds only a shard, so the full
+    state is gathered (a collective: every rank calls it) onto the main process, loaded into an
+    unsharded copy and merged there; the other ranks get None (only the main one writes back)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return acc.unwrap_model(model).merge_and_unload().cpu()
+    state = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return None
+    full = add_adapters(twin, cfg)
+    full.load_state_dict({k: v.cpu() for k, v in state.items()})
+    return full.merge_and_unload()
+
+
 def distil_twin(twin: Twin, teacher: Teacher, dset: DistillSet, replay: ReplaySet | None, cfg: AKDConfig,
                 on_step: Callable[[int, dict], None] | None = None,
                 cancelled: Callable[[], bool] | None = None) -> tuple[torch.nn.Module, dict]:
@@ -206,7 +222,7 @@ def distil_twin(twin: Twin, teacher: Teacher, dset: DistillSet, replay: ReplaySe
         if on_step is not None:
             on_step(step, {k: v.item() for k, v in terms.items()})
     model.eval()
-    merged = acc.unwrap_model(model).merge_and_unload().cpu()
+    merged = _merged(acc, model, twin, cfg)
     stats = {k: float(np.mean(v[-20:])) for k, v in hist.items() if v}
     stats.update(kd_active=kd_on, kd_mode="logit" if kd_on else "sequence", steps=cfg.steps,
                  trainable_params=sum(p.numel() for p in params), lora_targets=len(fam.lora_targets(twin.model, cfg.parts)))

@@ -22,11 +22,12 @@ from device.contracts.dataset import QA, read_llava
 from device.contracts.image import decode_image, load_image
 from device.contracts.wire import UplinkSample
 
-from .akd import AKDConfig, DistillSet, ReplaySet, distil_twin
+from .akd import AKDConfig, DistillSet, ReplaySet
 from .dwc import DWCConfig, compress, fisher_diag, patched_twin
 from .families import FamilyError, Twin, family_for
 from .families.teacher import Teacher, check_compatible
 from .fidelity import fidelity
+from .launch import LaunchOptions, train
 from . import twin_eval
 from .registry import ModelRegistry
 
@@ -122,8 +123,10 @@ def spread(qas: list, limit: int | None) -> list:
     return out
 
 
-def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None, threads: int = 2) -> dict:
-    """The RoundRunner: see module docstring. ``ctx`` is a cloud.rounds.RoundContext."""
+def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None, threads: int = 2,
+              launch: LaunchOptions | None = None) -> dict:
+    """The RoundRunner: see module docstring. ``ctx`` is a cloud.rounds.RoundContext; ``launch``
+    says whether AKD trains in this process or under ``accelerate launch`` (cloud/launch.py)."""
     files = registry.get(ctx.base_model)
     if files is None:
         raise ValueError(f"the cloud has no copy of device model {ctx.base_model}; upload it first")
@@ -148,7 +151,8 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
             ctx.progress("distil", 0.05 + 0.7 * i / cfg.steps, f"step {i}/{cfg.steps}")
 
     replay = read_replay(assets.replay_path, size, assets.replay_limit)
-    merged, akd_stats = distil_twin(twin, teacher, dset, replay, cfg, on_step, ctx.cancelled)
+    merged, akd_stats = train(twin, files, teacher, dset, replay, cfg, on_step, ctx.cancelled, ctx.work_dir,
+                              launch, threads)
     ctx.progress("compress", 0.78, "ranking and re-quantizing weight updates")
     round_ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]
     dcfg = DWCConfig(budget_bytes=opts.downlink_budget_bytes)
@@ -204,6 +208,7 @@ def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: P
     from .zoo.hf_assets import is_build_folder
 
     registry = ModelRegistry(settings.cloud_dir / "models")
+    launch = LaunchOptions.from_settings(settings)
     if teacher is not None:
         if not (Path(teacher) / "config.json").is_file():
             raise FamilyError(f"--teacher {teacher}: not a Hugging Face checkpoint dir (no config.json)")
@@ -211,11 +216,11 @@ def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: P
             if p is not None:
                 read_llava(p)  # a malformed file fails here, in one line, not in the first round
         assets = HFAssets(Path(teacher), Path(replay) if replay else None, Path(eval_set) if eval_set else None)
-        return lambda ctx: run_round(ctx, registry, assets)
+        return lambda ctx: run_round(ctx, registry, assets, launch=launch)
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
     if not is_build_folder(model_dir):
         raise FamilyError(f"{model_dir}: not a cdcca build folder (no teacher/config.json + manifest.json); "
                           "pass --teacher DIR or run `cdcca models build`")
     assets = HFAssets.embedded(model_dir)
-    return lambda ctx: run_round(ctx, registry, assets)
+    return lambda ctx: run_round(ctx, registry, assets, launch=launch)
 

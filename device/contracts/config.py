@@ -78,7 +78,12 @@ class Settings(BaseSettings):
     staging_max_age_s: float = Field(86400.0, gt=0, description="model-upload staging older than this is swept")
     staging_per_device: int = Field(2, ge=1, description="half-uploaded models one device may park")
     keep_round_models: int = Field(3, ge=1, description="per device: models and patches of its last N rounds kept")
-    blob_url: str | None = Field(None, description="fsspec URL for samples/patches; default <home>/cloud/blobs")
+    blob_url: str | None = Field(None, description="fsspec URL for samples, patches and device models; "
+                                                    "default <home>/cloud/blobs and <home>/cloud/models")
+    train_processes: int = Field(1, ge=1, description="processes a worker trains each round on "
+                                                      "(accelerate launch; 1 = in the worker's own process)")
+    accelerate_config: Path | None = Field(None, description="accelerate config file for the training launch")
+    train_fsdp: bool = Field(False, description="shard the twin with FSDP under accelerate launch (GPUs)")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -74,12 +74,13 @@ def test_worker_runner_uses_the_servers_model_registry(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(round_job.HFAssets, "embedded",
                         classmethod(lambda cls, model_dir: captured.setdefault("model_dir", model_dir)))
-    monkeypatch.setattr(round_job, "run_round",
-                        lambda ctx, registry, assets: captured.update(registry=registry) or {})
+    monkeypatch.setattr(round_job, "run_round", lambda ctx, registry, assets, launch:
+                        captured.update(registry=registry, launch=launch) or {})
     result = runner.invoke(app, ["cloud", "worker", "--model-dir", str(DEFAULT_MODEL_DIR)])
     assert result.exit_code == 0, result.output
     assert captured["model_dir"] == DEFAULT_MODEL_DIR
     captured["runner"](object())
+    assert captured["launch"].in_process  # the default: train in the worker's own process
     api = server.create_app(captured["settings"])
     try:
         assert captured["registry"].root == api.state.registry.root
