@@ -70,8 +70,7 @@ def _young(path: Path, max_age_s: float) -> bool:
 
 def collect(settings: Settings, store: Store, registry: ModelRegistry | None = None,
             dry_run: bool = False) -> GcReport:
-    registry = registry or ModelRegistry(settings.cloud_dir / "models", settings.staging_per_device,
-                                         settings.staging_max_age_s)
+    registry = registry or ModelRegistry.from_settings(settings)
     report = GcReport()
     age = settings.staging_max_age_s
     report.staging = registry.sweep(dry_run=dry_run)
@@ -88,7 +87,7 @@ def collect(settings: Settings, store: Store, registry: ModelRegistry | None = N
                 shutil.rmtree(d, ignore_errors=True)
     kept_models, kept_patches = _kept_models_and_patches(store, settings.keep_round_models)
     for mid in registry.ids():
-        if mid not in kept_models and not _young(registry.root / mid, age):
+        if mid not in kept_models and time.time() - registry.modified(mid) >= age:
             report.models.append(mid)
             report.model_bytes += 0 if dry_run else registry.remove(mid)
     report.patches = _drop_patches(store, kept_patches, dry_run)

@@ -8,12 +8,17 @@ Half-uploaded models wait in *staging* owned by the uploading device (issue 11, 
 device's upload of the same id never touches it, a device may park at most ``per_device``
 stagings (a new one evicts its own oldest), and staging older than ``max_age_s`` is swept on
 start and on every upload.
+
+Given a blob URL (``blob_url``: many machines), the folder is this machine's cache and every
+complete model is also published to ``<blob_url>/models/`` (cloud/model_blobs.py); a model the
+cache lacks is fetched from there.  Staging stays local: only complete models are published.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,36 +32,87 @@ def owner_key(device: str) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, root: Path, per_device: int = 2, max_age_s: float = 86400.0):
+    def __init__(self, root: Path, per_device: int = 2, max_age_s: float = 86400.0, url: str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.per_device = per_device
         self.max_age_s = max_age_s
+        self.remote = None
+        if url is not None:
+            from .model_blobs import RemoteModels
+
+            self.remote = RemoteModels(url)
+
+    @classmethod
+    def from_settings(cls, settings) -> "ModelRegistry":
+        """The one registry of a cloud process (API, worker, gc): ``<home>/cloud/models``,
+        behind ``blob_url`` when set."""
+        return cls(settings.cloud_dir / "models", settings.staging_per_device, settings.staging_max_age_s,
+                   settings.blob_url)
 
     def _dir(self, mid: str) -> Path:
         if not mid.isalnum():
             raise ValueError(f"bad model id {mid!r}")
         return self.root / mid
 
-    def get(self, mid: str) -> dict[str, Path] | None:
+    def _local(self, mid: str) -> dict[str, Path] | None:
         d = self._dir(mid)
         files = {r: d / f"{r}.gguf" for r in ROLES if (d / f"{r}.gguf").is_file()}
         return files if "model" in files else None  # a text-only model has no mmproj
 
+    def get(self, mid: str) -> dict[str, Path] | None:
+        """The model's local files, fetched from the blob URL first when only it holds them."""
+        files = self._local(mid)
+        if files is None and self.remote is not None:
+            tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{mid}-", dir=self.root))
+            try:
+                if self.remote.fetch(mid, tmp):
+                    self._settle(tmp, mid)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            files = self._local(mid)
+        return files
+
+    def has(self, mid: str) -> bool:
+        """Held here or at the blob URL (no download: the API only answers "present")."""
+        return self._local(mid) is not None or (self.remote is not None and self.remote.exists(mid))
+
+    def _settle(self, folder: Path, mid: str) -> None:
+        """Rename a complete folder into place (losing a race to the same bytes is fine)."""
+        try:
+            folder.rename(self._dir(mid))
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _publish(self, mid: str) -> None:
+        if self.remote is not None:
+            self.remote.publish(mid, self._local(mid))
+
     def ids(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        local = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        return sorted(local | set(self.remote.ids() if self.remote is not None else ()))
+
+    def modified(self, mid: str) -> float:
+        """When the model was registered (epoch s): its local folder, else its published copy."""
+        d = self._dir(mid)
+        if d.is_dir():
+            return d.stat().st_mtime
+        return self.remote.modified(mid) if self.remote is not None else time.time()
 
     def remove(self, mid: str) -> int:
         """Delete a held model; returns the bytes freed."""
         d = self._dir(mid)
         freed = sum(p.stat().st_size for p in d.glob("*") if p.is_file()) if d.is_dir() else 0
         shutil.rmtree(d, ignore_errors=True)
+        if self.remote is not None:
+            freed = max(freed, self.remote.remove(mid))
         return freed
 
     def put(self, files: dict[str, Path]) -> str:
         """Copy files in (atomically: a half-copied model is never visible); returns the id."""
         mid = model_id(files)
-        if self.get(mid):
+        if self._local(mid):
+            self._publish(mid)
             return mid
         tmp = self.root / f".{mid}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -71,6 +127,7 @@ class ModelRegistry:
             tmp.rename(self._dir(mid))
         except OSError:  # another request registered it first
             shutil.rmtree(tmp, ignore_errors=True)
+        self._publish(mid)
         return mid
 
     def put_role(self, mid: str, role: str, src: Path, owner: str = "") -> bool:
@@ -100,6 +157,7 @@ class ModelRegistry:
             staging.rename(self._dir(mid))
         except OSError:  # another device completed the same model first: same bytes
             shutil.rmtree(staging, ignore_errors=True)
+        self._publish(mid)
         return True
 
     def stagings(self, owner: str | None = None) -> list[Path]:

@@ -207,7 +207,7 @@ def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: P
 
     from .zoo.hf_assets import is_build_folder
 
-    registry = ModelRegistry(settings.cloud_dir / "models")
+    registry = ModelRegistry.from_settings(settings)  # the API's registry: same folder, same blob URL
     launch = LaunchOptions.from_settings(settings)
     if teacher is not None:
         if not (Path(teacher) / "config.json").is_file():

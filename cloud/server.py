@@ -117,8 +117,7 @@ def create_app(settings: Settings, round_runner: RoundRunner | None = None,
     app.state.settings = settings
     app.state.signing_key = load_or_create_key(settings.cloud_dir)  # signs every patch served
     # The same folder as the round runner's registry (cloud.round_job.make_runner).
-    app.state.registry = ModelRegistry(settings.cloud_dir / "models", settings.staging_per_device,
-                                       settings.staging_max_age_s)
+    app.state.registry = ModelRegistry.from_settings(settings)
     app.add_middleware(Gate, authenticate=store.device_for_token, limits=GateLimits(
         max_bytes=settings.max_upload_bytes, max_model_bytes=settings.max_model_bytes,
         max_concurrent=settings.max_concurrent_uploads, body_timeout_s=settings.body_timeout_s))
@@ -274,7 +273,7 @@ def _add_model_routes(app: FastAPI, registry: ModelRegistry, settings: Settings,
              responses={404: {"description": "the cloud holds no (complete) copy of this model"}})
     def model_presence(model_id: str, device: str = auth) -> ModelPresence:
         _check_model_id(model_id)
-        if registry.get(model_id) is None:
+        if not registry.has(model_id):
             raise HTTPException(404, f"the cloud has no copy of model {model_id}; upload it with "
                                      f"PUT /v1/models/{model_id}/model and .../mmproj")
         return ModelPresence(model_id=model_id, present=True)
@@ -288,7 +287,7 @@ def _add_model_routes(app: FastAPI, registry: ModelRegistry, settings: Settings,
         if role not in ROLES:
             raise HTTPException(422, f"unknown model file role {role!r}: use one of "
                                      f"{', '.join(ROLES)}")
-        if registry.get(model_id) is not None:  # already held: the bytes are known, skip them
+        if registry.has(model_id):  # already held: the bytes are known, skip them
             await _drain(request)
             return ModelUploadResult(model_id=model_id, role=role, complete=True)
         tmp = await _receive_to_temp(request, incoming)
