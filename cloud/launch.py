@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,6 +40,8 @@ import torch
 
 from .akd import AKDConfig, DistillSet, ReplaySet, distil_twin
 
+_EXC = re.compile(r"^(\[rank\d+\]: )?[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:")
+_LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError")  # the launcher's, after the rank's own
 POLL_S = 0.25  # how often the waiting worker relays progress and checks for cancel
 # FSDP over the twin (+ adapters): full sharding, one unit per decoder / vision layer, and the
 # original parameters kept (PEFT freezes most of them; FSDP needs that to mix frozen and trained)
@@ -177,9 +180,17 @@ def _run(cmd: list[str], job: Path, on_step, cancelled, threads: int) -> dict:
             if proc.poll() is None:
                 _kill(proc)
     if proc.returncode != 0 or not (job / "merged.pt").is_file():
-        tail = (job / "launch.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"accelerate launch exited {proc.returncode}: {tail[0][:300]}")
+        raise RuntimeError(f"accelerate launch exited {proc.returncode}: {_reason(job / 'launch.log')}")
     return json.loads((job / "stats.json").read_text())["stats"]
+
+
+def _reason(log: Path) -> str:
+    """The rank's own exception line, not torchrun's summary banner that follows it."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if _EXC.match(ln) and not any(w in ln for w in _LAUNCHER_ERRORS):
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
 
 
 def _relay(path: Path, seen: int, on_step) -> int:

@@ -169,3 +169,22 @@ def load_image_default():
     from device.contracts.image import load_image
 
     return load_image(read_llava(DEFAULT / "data" / "eval.json")[0].image, 32)
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_launch_says_why_in_one_line(tmp_path: Path, assets) -> None:
+    """A rank that dies (here: the teacher checkpoint is gone) fails the round with the rank's
+    own exception, not the launcher's summary."""
+    import numpy as np
+
+    from cloud.akd import AKDConfig, DistillSet
+    from cloud.launch import train
+
+    class Gone:
+        path = tmp_path / "no-teacher"
+
+    files = {"model": DEFAULT / "student-q4_0.gguf", "mmproj": DEFAULT / "mmproj-f32.gguf"}
+    dset = DistillSet(np.stack([load_image_default()] * 2), ["q"] * 2, ["a"] * 2, [[0]] * 2)
+    with pytest.raises(RuntimeError, match=r"accelerate launch exited 1: .*(Error|Exception).*no-teacher") as err:
+        train(None, files, Gone(), dset, None, AKDConfig(steps=2), None, None, tmp_path, LaunchOptions(processes=2))
+    assert "\n" not in str(err.value) and "ChildFailedError" not in str(err.value)
