@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from device.contracts.config import DEFAULT_MMPROJ, REFERENCE_MMPROJ
+
 CDCCA = [sys.executable, "-m", "cdcca_cli"]
 
 
@@ -22,7 +24,7 @@ def test_build_tiny_then_info(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["preset"] == "tiny" and m["family"] == "idefics3"
-    assert all((out / f).is_file() for f in ("student-q4_0.gguf", "mmproj-f32.gguf", "teacher/config.json",
+    assert all((out / f).is_file() for f in ("student-q4_0.gguf", REFERENCE_MMPROJ, DEFAULT_MMPROJ, "teacher/config.json",
                                              "data/eval.json", "data/replay.json"))
     assert m["config_hash"] in r.stdout and "teacher VQA" in r.stdout
     info = subprocess.run(CDCCA + ["models", "info", str(out)], capture_output=True, text=True, timeout=120, env=env)
