@@ -19,6 +19,7 @@ device file's own row order.
 """
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -28,12 +29,12 @@ import gguf
 import numpy as np
 import torch
 
-from device.contracts.patch_format import read_patch, row_nbytes
+from device.contracts.patch_format import Patch, read_patch, row_nbytes
 from device.contracts.wire import RoundOptions
-from device.patch import plan_patch, verify_written, write_placements
+from device.patch import clone_file, plan_patch, verify_written, write_placements
 
 from . import ggml_quant
-from .families import Twin, collate, family_for
+from .families import DeviceFiles, Twin, collate
 from .patch_build import make_patch_from_arrays
 
 ENTRY_OVERHEAD = 160  # JSON entry + tensor info bytes per patched range (measured, approximate)
@@ -70,14 +71,6 @@ class DWCResult:
     per_tensor: dict = field(default_factory=dict)
 
 
-def _types(files: dict[str, Path]) -> dict[str, tuple[gguf.GGMLQuantizationType, tuple[int, ...]]]:
-    out = {}
-    for role, p in files.items():
-        for t in gguf.GGUFReader(str(p), "r").tensors:
-            out[t.name] = (t.tensor_type, tuple(int(x) for x in t.shape))
-    return out
-
-
 def rank_blocks(updates, fisher, types, cfg: DWCConfig, old_weights) -> tuple[list[Block], list[str]]:
     blocks, skipped = [], []
     for g, (role, new, delta) in updates.items():
@@ -112,9 +105,11 @@ def select(blocks: list[Block], budget: int | None) -> list[Block]:
     return chosen
 
 
-def weight_updates(merged: torch.nn.Module, twin: Twin) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
-    """{gguf_name: (role, new, delta)} in GGUF row order for every tensor whose weights changed."""
-    new, old = twin.family.gguf_state(twin, merged), twin.family.gguf_state(twin)
+def weight_updates(merged: torch.nn.Module, twin: Twin,
+                   old: dict | None = None) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """{gguf_name: (role, new, delta)} in GGUF row order for every tensor whose weights changed.
+    ``old``: the twin's own ``gguf_state`` when the caller has it already."""
+    new, old = twin.family.gguf_state(twin, merged), old if old is not None else twin.family.gguf_state(twin)
     out = {}
     for g, (role, arr) in new.items():
         delta = arr - old[g][1]
@@ -159,19 +154,23 @@ def _row_ranges(chosen: list[Block]) -> dict[str, list[tuple[int, int]]]:
     return ranges
 
 
-def compress(merged: torch.nn.Module, twin: Twin, files: dict[str, Path], out_path: Path, cfg: DWCConfig,
-             round_id: str, parent_version: str = "", fisher: dict | None = None) -> DWCResult:
-    """Write the patch that moves the device from ``twin`` toward ``merged`` within the budget."""
-    updates = weight_updates(merged, twin)
-    types = _types(files)
-    old = {g: a for g, (_, a) in twin.family.gguf_state(twin).items() if g in updates}
+def compress(merged: torch.nn.Module, twin: Twin, files: dict[str, Path] | DeviceFiles, out_path: Path,
+             cfg: DWCConfig, round_id: str, parent_version: str = "", fisher: dict | None = None) -> DWCResult:
+    """Write the patch that moves the device from ``twin`` toward ``merged`` within the budget.
+    ``files``: the device's files, or (a round) their one parse, which the type table and the
+    patch builder then share instead of opening the files again."""
+    parsed = files if isinstance(files, DeviceFiles) else DeviceFiles.open(files)
+    base_state = twin.family.gguf_state(twin)
+    updates = weight_updates(merged, twin, base_state)
+    types = parsed.types()
+    old = {g: a for g, (_, a) in base_state.items() if g in updates}
     blocks, skipped = rank_blocks(updates, fisher, types, cfg, old)
     chosen = select(blocks, cfg.budget_bytes)
     new_tensors = {k: (updates[k.split(":", 1)[1]][1], v) for k, v in _row_ranges(chosen).items()}
     total_imp = sum(b.importance for b in blocks) or 1.0
-    build = make_patch_from_arrays({r: str(p) for r, p in files.items()}, new_tensors, out_path,
+    build = make_patch_from_arrays({r: str(p) for r, p in parsed.paths.items()}, new_tensors, out_path,
                                    round_id=round_id, parent_version=parent_version, skip_unsupported=True,
-                                   quantizer=ggml_quant.quantize)
+                                   quantizer=ggml_quant.quantize, readers=parsed.readers)
     fp16 = sum(int(np.prod(u[2].shape)) * 2 for u in updates.values())
     per_tensor: dict[str, int] = {}
     for e in build.entries:
@@ -181,29 +180,59 @@ def compress(merged: torch.nn.Module, twin: Twin, files: dict[str, Path], out_pa
                      sum(b.importance for b in chosen) / total_imp, fp16, len(blocks), per_tensor)
 
 
-def apply_to_copy(files: dict[str, Path], patch_path: Path | None) -> tuple[dict[str, Path], Path]:
-    """The device files with the patch applied, in a scratch dir, through the device's own
-    verification and write path: exactly what the device will run."""
-    scratch = Path(tempfile.mkdtemp(prefix="cdcca-patched-"))
+def apply_patch(files: dict[str, Path], patch_path: Path | None, dest: Path) -> tuple[dict[str, Path], Patch | None]:
+    """Clone the device files into ``dest`` (one copy each, a reflink where the filesystem can) and
+    apply the patch through the device's own read / verify / write / re-verify path: the files
+    are exactly what the device will run.  Returns ({role: patched file}, the verified patch).
+
+    Why the device's path and not the bytes DWC just built: a patch the device would refuse
+    (bad offsets, hashes, a format slip) must fail the round here, not on the laptop."""
     out = {}
     for role, p in files.items():
-        out[role] = scratch / Path(p).name
-        shutil.copyfile(p, out[role])
-    if patch_path is not None:
-        patch = read_patch(patch_path)
-        placements = plan_patch(patch, out)
-        for role in {p.entry.role for p in placements}:
-            write_placements(out[role], [p for p in placements if p.entry.role == role])
-        verify_written(patch, placements, out)
-    return out, scratch
+        out[role] = Path(dest) / Path(p).name
+        clone_file(Path(p), out[role])
+    if patch_path is None:
+        return out, None
+    patch = read_patch(patch_path)
+    placements = plan_patch(patch, out)
+    for role in {p.entry.role for p in placements}:
+        write_placements(out[role], [p for p in placements if p.entry.role == role])
+    verify_written(patch, placements, out)
+    return out, patch
 
 
-def patched_twin(files: dict[str, Path], patch_path: Path | None):
-    """(twin of the patched files, patched files, scratch dir); the caller removes scratch."""
-    out, scratch = apply_to_copy(files, patch_path)
+def apply_to_copy(files: dict[str, Path], patch_path: Path | None) -> tuple[dict[str, Path], Path]:
+    """:func:`apply_patch` into a fresh scratch dir; returns (files, scratch) -- the caller removes it."""
+    scratch = Path(tempfile.mkdtemp(prefix="cdcca-patched-"))
     try:
-        fam = family_for(out["model"], out.get("mmproj"))
+        return apply_patch(files, patch_path, scratch)[0], scratch
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return fam.load_twin(out["model"], out.get("mmproj")), out, scratch
+
+
+def patched_twin(twin: Twin, patch: Patch | None, files: dict[str, Path]) -> Twin:
+    """The twin of the patched ``files`` without reading them: a copy of ``twin`` whose rows named
+    by the (verified) patch take its payload, dequantized and mapped back through the family's
+    RowMaps (row order and offset inverted).  Equal, bit for bit, to ``load_twin`` of the patched
+    files (tests/cloud/test_dwc.py), because a patch changes tensor bytes only -- never the
+    header, the vocabulary or the layout -- and every other row already equals the base file.
+    Why: rebuilding meant copying the files, parsing them, and transformers' GGUF loader again."""
+    if patch is None:
+        return Twin(twin.family, twin.model, dict(files), twin.tokenizer, twin.vocab, dict(twin.meta))
+    maps = {(m.role, m.gguf_name): m for m in twin.family.row_maps(twin)}
+    model = copy.deepcopy(twin.model)
+    params = model.state_dict(keep_vars=True)  # keep_vars: the live parameters, tied names included
+    with torch.no_grad():
+        for e, payload in zip(patch.entries, patch.payloads):
+            m = maps[(e.role, e.tensor)]
+            rows = gguf.quants.dequantize(np.frombuffer(payload, np.uint8), e.ggml_type)
+            rows = np.array(rows, dtype=np.float32).reshape(e.row_count, e.shape[0])  # a writable copy
+            if m.offset:
+                rows = rows - np.float32(m.offset)
+            p = params[m.hf_name].data
+            if m.row_order is None:
+                p.view(-1, e.shape[0])[e.row_start:e.row_start + e.row_count] = torch.from_numpy(rows)
+            else:
+                p[torch.from_numpy(m.row_order[e.row_start:e.row_start + e.row_count])] = torch.from_numpy(rows)
+    return Twin(twin.family, model.eval(), dict(files), twin.tokenizer, twin.vocab, dict(twin.meta))

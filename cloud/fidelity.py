@@ -18,11 +18,15 @@ from .families import Twin, collate
 
 def fidelity(twin: Twin, files: dict[str, Path], probes: Sequence[tuple[np.ndarray | None, str]],
              max_tokens: int = 8, threads: int = 1, model: torch.nn.Module | None = None,
-             kv_cache: str | None = None) -> dict:
+             kv_cache: str | None = None, runtime=None) -> dict:
     """``{"n", "greedy_agreement", "max_logit_gap", "device_answers", "twin_answers"}`` for the
     device files ``files`` and the twin (or ``model`` with the twin's layout).  The device runs
     with its own default configuration (f16 KV cache) unless ``kv_cache`` says otherwise: the
-    figure is about what the user's device does, not a parity setup."""
+    figure is about what the user's device does, not a parity setup.  ``runtime``: a
+    ``device.runtime.Runtime`` already loaded on ``files`` (a round measures fidelity and accuracy
+    on one load); it is left open, and ``threads`` / ``kv_cache`` are then its own."""
+    from contextlib import nullcontext
+
     from device.runtime import Runtime, RuntimeConfig
 
     fam, m = twin.family, model or twin.model
@@ -30,7 +34,7 @@ def fidelity(twin: Twin, files: dict[str, Path], probes: Sequence[tuple[np.ndarr
     cfg = RuntimeConfig(Path(files["model"]), files.get("mmproj"), n_threads=threads)
     if kv_cache is not None:
         cfg.kv_cache = kv_cache
-    with Runtime(cfg) as rt:
+    with (nullcontext(runtime) if runtime is not None else Runtime(cfg)) as rt:
         for img, q in probes:
             steps: list[np.ndarray] = []
             gen = rt.generate(q, img, max_tokens=max_tokens, logits_hook=lambda lg: steps.append(np.array(lg)))
@@ -51,10 +55,11 @@ def fidelity(twin: Twin, files: dict[str, Path], probes: Sequence[tuple[np.ndarr
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m cloud.fidelity BUILD_DIR [N]``: device-vs-twin figures for every
-    ``student-*.gguf`` of a build folder (with its ``mmproj-f32.gguf``) on the first N eval images."""
+    ``student-*.gguf`` of a build folder (with its F32 reference mmproj) on the first N eval images."""
     import sys
     import time
 
+    from device.contracts.config import REFERENCE_MMPROJ
     from device.contracts.dataset import read_llava
     from device.contracts.image import load_image
 
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     every = read_llava(build / "data" / "eval.json")
     qas = every[:: max(1, len(every) // n)][:n]  # spread over the file's domains
-    mmproj = build / "mmproj-f32.gguf"
+    mmproj = build / REFERENCE_MMPROJ
     for model in sorted(build.glob("student-*.gguf")):
         t = time.time()
         twin = family_for(model, mmproj).load_twin(model, mmproj)

@@ -66,7 +66,8 @@ def make_patch_from_arrays(base_gguf_path: str | os.PathLike | Mapping[str, str 
                            new_tensors: Mapping[str, tuple[np.ndarray, RowRanges]],
                            out_path: str | os.PathLike, *, round_id: str, parent_version: str = "",
                            note: str = "", data_hashes: bool = False,
-                           skip_unsupported: bool = False, quantizer: Quantizer | None = None) -> PatchBuild:
+                           skip_unsupported: bool = False, quantizer: Quantizer | None = None,
+                           readers: Mapping[str, GGUFReader] | None = None) -> PatchBuild:
     """Re-quantize selected rows of new float weights to the base tensors' own types; write a patch.
 
     ``quantizer`` (rows, type) -> bytes re-quantizes; its ``supports`` attribute (a set of types),
@@ -79,11 +80,12 @@ def make_patch_from_arrays(base_gguf_path: str | os.PathLike | Mapping[str, str 
     ``new_tensors`` maps a GGUF tensor name (``"role:name"`` to force the file) to the FULL new
     float array in torch order (reversed ggml shape, e.g. ``[out, in]``) and the row ranges DWC
     selected. Rows whose quantized bytes do not change are dropped, so the patch only carries
-    bytes that differ.
+    bytes that differ. ``readers``: gguf-py readers of those same files, when the caller parsed
+    them already (a cloud round parses each file once and passes the parse on).
     """
     bases = ({"model": base_gguf_path} if isinstance(base_gguf_path, (str, os.PathLike))
              else dict(base_gguf_path))
-    readers = {role: GGUFReader(p, "r") for role, p in bases.items()}
+    readers = {role: (readers or {}).get(role) or GGUFReader(p, "r") for role, p in bases.items()}
     index = {role: {t.name: t for t in r.tensors} for role, r in readers.items()}
     pieces: list[tuple[PatchEntry, bytes, bytes]] = []
     skipped: list[str] = []

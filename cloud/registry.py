@@ -25,6 +25,7 @@ from pathlib import Path
 from device.contracts.model_id import ROLES, model_id
 
 STAGE_PREFIX = ".stage-"
+DRAFT_PREFIX = ".draft-"  # a round's new version being written (ModelRegistry.draft)
 
 
 def owner_key(device: str) -> str:
@@ -127,6 +128,30 @@ class ModelRegistry:
             tmp.rename(self._dir(mid))
         except OSError:  # another request registered it first
             shutil.rmtree(tmp, ignore_errors=True)
+        self._publish(mid)
+        return mid
+
+    def draft(self) -> Path:
+        """A private, empty folder inside the registry for a round's new version: the round writes
+        (clones and patches) the files there, evaluates them, then :meth:`adopt` renames the folder
+        into place -- one copy per file instead of scratch copy + registration copy.  A draft that
+        is never adopted is the caller's to remove (``sweep`` removes stale ones)."""
+        return Path(tempfile.mkdtemp(prefix=DRAFT_PREFIX, dir=self.root))
+
+    def adopt(self, draft: Path, files: dict[str, Path]) -> str:
+        """Register a draft's ``files`` ({role: file in ``draft``}) under their content id by renaming
+        the folder (no copy); returns the id.  The draft is gone afterwards either way."""
+        draft = Path(draft)
+        if any(Path(p).parent != draft for p in files.values()) or "model" not in files:
+            raise ValueError(f"adopt: {sorted(files)} are not the files of draft {draft.name}")
+        for r, p in files.items():
+            if Path(p).name != f"{r}.gguf":
+                os.replace(p, draft / f"{r}.gguf")
+        mid = model_id({r: draft / f"{r}.gguf" for r in files})
+        if self._local(mid):
+            shutil.rmtree(draft, ignore_errors=True)
+        else:
+            self._settle(draft, mid)
         self._publish(mid)
         return mid
 

@@ -1,12 +1,14 @@
 """One adaptation round on the cloud: the device's uplinked samples in, a DWC patch out.
 
 family rebuilds the HF twin from the device GGUF -> HF teacher pseudo-labels -> AKD (LoRA on the
-family's targets, merged) -> Fisher -> DWC patch -> apply to a scratch copy (the device's own
-verification path) -> device-measured evaluation (llama.cpp) before / after + twin fidelity ->
-register the new version.  Each arrow is one function call; nothing is read back that an
-earlier step could pass on.  The cloud is *given* its data: the teacher is an HF checkpoint dir,
-replay and evaluation sets are LLaVA-JSON files (``cdcca cloud serve --teacher --replay --eval``);
-the embedded default is one such build folder (assets/default).
+family's targets, merged) -> Fisher -> DWC patch -> apply to a copy written where the new version
+will be registered (the device's own verification path) -> device-measured evaluation (llama.cpp)
+before / after + twin fidelity, one load per version -> register the new version (a rename).  Each
+arrow is one function call; nothing is read back that an earlier step could pass on: each device
+file is parsed once (``DeviceFiles``), and the patched twin is the base twin with the verified
+patch rows written in, not a reload.  The cloud is *given* its data: the teacher is an HF
+checkpoint dir, replay and evaluation sets are LLaVA-JSON files (``cdcca cloud serve --teacher
+--replay --eval``); the embedded default is one such build folder (assets/default).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from device.contracts.image import decode_image, load_image
 from device.contracts.wire import UplinkSample
 
 from .akd import AKDConfig, DistillSet, ReplaySet
-from .dwc import DWCConfig, compress, fisher_diag, patched_twin
-from .families import FamilyError, Twin, family_for
+from .dwc import DWCConfig, apply_patch, compress, fisher_diag, patched_twin
+from .families import DeviceFiles, FamilyError, Twin, family_of
 from .families.teacher import Teacher, check_compatible
 from .fidelity import fidelity
 from .launch import LaunchOptions, train
@@ -95,13 +97,16 @@ def read_replay(path: Path | None, image_size: int | None, limit: int | None) ->
     return ReplaySet(_images(qas, image_size), [q.question for q in qas], [q.answer for q in qas])
 
 
-def _device_eval(files: dict[str, Path], qas: list[QA], threads: int) -> dict:
+def _on_device(twin: Twin, files: dict[str, Path], probes, qas: list[QA], threads: int) -> tuple[dict, dict | None]:
+    """(twin fidelity, device-measured accuracy or None) of ``files`` on ONE llama.cpp load:
+    both run the device's default configuration, and every generation starts from cleared memory."""
     from device.evaluate import evaluate
     from device.runtime import Runtime, RuntimeConfig
 
     with Runtime(RuntimeConfig(Path(files["model"]), files.get("mmproj"), n_threads=threads)) as rt:
-        res = evaluate(rt, qas)
-    return {"vqa": res["vqa"], "domains": res["domains"]}
+        fid = _fid(fidelity(twin, files, probes, runtime=rt))
+        res = evaluate(rt, qas) if qas else None
+    return fid, res and {"vqa": res["vqa"], "domains": res["domains"]}
 
 
 def spread(qas: list, limit: int | None) -> list:
@@ -133,8 +138,9 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
     torch.set_num_threads(threads)
     t0 = time.time()
     ctx.progress("load", 0.02, "rebuilding the device model from its GGUF")
-    fam = family_for(files["model"], files.get("mmproj"))
-    twin = fam.load_twin(files["model"], files.get("mmproj"))
+    parsed = DeviceFiles.open(files)  # each device file parsed once; every step below shares the parse
+    fam = family_of(parsed)
+    twin = fam.load_twin(files["model"], files.get("mmproj"), parsed=parsed)
     teacher = assets.teacher()
     size = _image_size(twin)
     check_compatible(teacher, size is not None)
@@ -159,10 +165,13 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
     fisher = fisher_diag(merged, twin, round_ex, dcfg.fisher_batches) if dcfg.fisher else None
     # parent_version would name a device version id, which the cloud does not know; the patch's
     # base tensor hashes bind it to the exact bytes it was built for
-    res = compress(merged, twin, files, ctx.patch_path, dcfg, ctx.round_id, "", fisher)
+    res = compress(merged, twin, parsed, ctx.patch_path, dcfg, ctx.round_id, "", fisher)
     ctx.progress("evaluate", 0.88, "device-measured evaluation before / after, twin fidelity")
-    patched, pfiles, scratch = patched_twin(files, res.patch_path)
+    # the new version is written once, where it will be registered; no patch = the base itself
+    draft = registry.draft() if res.patch_path is not None else None
     try:
+        pfiles, patch = apply_patch(files, res.patch_path, draft) if draft else (files, None)
+        patched = patched_twin(twin, patch, pfiles)
         eval_qas = spread(read_llava(assets.eval_path), assets.eval_limit) if assets.eval_path else []
         probes = [(im, q.question) for im, q in zip(_images(eval_qas[:assets.probe_n], size), eval_qas)] or \
             [(dset.images[i], dset.questions[i]) for i in range(min(assets.probe_n, len(dset)))]
@@ -172,23 +181,26 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
                     "rows_patched": res.rows_patched, "rows_unchanged_after_quant": res.rows_unchanged_after_quant,
                     "importance_kept": res.selected_importance_frac, "full_fp16_delta_bytes": res.full_fp16_delta_bytes,
                     "full_gguf_bytes": sum(p.stat().st_size for p in files.values()), "skipped": res.skipped},
-            "fidelity": {"base": _fid(fidelity(twin, files, probes, threads=threads)),
-                         "patched": _fid(fidelity(patched, pfiles, probes, threads=threads))},
         }
+        fid_base, before = _on_device(twin, files, probes, eval_qas, threads)
+        # no patch: the same bytes, already measured
+        fid_new, after = _on_device(patched, pfiles, probes, eval_qas, threads) if patch else (fid_base, before)
+        metrics["fidelity"] = {"base": fid_base, "patched": fid_new}
         if eval_qas:
             ev_imgs = _images(eval_qas, size)
 
             def merged_answer(im, q):
                 return fam.decode(twin, fam.generate(twin, fam.example(twin, q, im), model=merged))
 
-            metrics["accuracy"] = {"before": _device_eval(files, eval_qas, threads),
-                                   "after": _device_eval(pfiles, eval_qas, threads), "measured_on": "device",
+            metrics["accuracy"] = {"before": before, "after": after, "measured_on": "device",
                                    "after_full_precision": twin_eval.evaluate(merged_answer, ev_imgs, eval_qas),
                                    "teacher": twin_eval.score(teacher.answer(ev_imgs, [q.question for q in eval_qas]),
                                                               eval_qas)}
-        metrics["new_model"] = registry.put(pfiles)
+        metrics["new_model"] = registry.adopt(draft, pfiles) if draft else ctx.base_model
+        draft = None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if draft is not None:  # the round failed or was cancelled: its new version goes
+            shutil.rmtree(draft, ignore_errors=True)
     metrics["seconds"] = round(time.time() - t0, 2)
     ctx.progress("done", 1.0, "patch ready")
     return metrics

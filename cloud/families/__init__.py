@@ -1,7 +1,8 @@
 """The model-family seam: which family rebuilds a device's GGUF pair in the cloud.
 
-``family_for(model_gguf, mmproj_gguf)`` reads ``general.architecture`` (text GGUF) and
-``clip.projector_type`` (mmproj) and returns the registered family, or raises one line naming what
+``family_for(model_gguf, mmproj_gguf)`` (or ``family_of`` on an already parsed
+:class:`DeviceFiles`) reads ``general.architecture`` (text GGUF) and ``clip.projector_type``
+(mmproj) and returns the registered family, or raises one line naming what
 was found and what is supported.  Families register themselves with :func:`register`; only the
 modules in this package import concrete model classes.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import PARTS, Example, Family, FamilyError, RowMap, Twin, collate, load_teacher
+from .device_files import DeviceFiles
 
 # a round loads the twin, the teacher and patched twins: one tqdm bar each from transformers would
 # drown the round's own progress (sync's stage rows, the demo, the TUI's log) -- the cloud reports
@@ -26,18 +28,6 @@ def register(cls: type[Family]) -> type[Family]:
     return cls
 
 
-def _field(path: Path, key: str) -> str | None:
-    import gguf
-
-    if not Path(path).is_file():
-        raise FamilyError(f"{path}: no such GGUF file")
-    try:
-        f = gguf.GGUFReader(str(path), "r").get_field(key)
-    except Exception as e:  # gguf-py raises assorted errors on non-GGUF bytes
-        raise FamilyError(f"{path}: not a valid GGUF file ({type(e).__name__})") from None
-    return None if f is None else str(f.contents())
-
-
 def supported() -> str:
     text = sorted({a for c in _REGISTRY if not c.projector_types for a in c.architectures})
     vis = sorted({f"{a}+{p}" for c in _REGISTRY for a in c.architectures for p in c.projector_types})
@@ -45,16 +35,23 @@ def supported() -> str:
 
 
 def family_for(model_gguf: str | Path, mmproj_gguf: str | Path | None = None) -> Family:
-    arch = _field(Path(model_gguf), "general.architecture")
-    proj = _field(Path(mmproj_gguf), "clip.projector_type") if mmproj_gguf else None
+    """The family of a GGUF pair given by path (parses both; a round parses once and calls
+    :func:`family_of` with that parse)."""
+    return family_of(DeviceFiles.open({"model": model_gguf, "mmproj": mmproj_gguf}))
+
+
+def family_of(files: DeviceFiles) -> Family:
+    arch = files.field("model", "general.architecture")
+    proj = files.field("mmproj", "clip.projector_type") if files.mmproj else None
+    arch, proj = (None if v is None else str(v) for v in (arch, proj))
     for cls in _REGISTRY:
         if arch in cls.architectures and (proj in cls.projector_types if proj else not cls.projector_types):
             return cls()
     what = f"architecture {arch!r}" + (f" with projector type {proj!r}" if proj else " (text-only)")
-    raise FamilyError(f"{Path(model_gguf).name}: {what} is not supported by the cloud; supported: {supported()}")
+    raise FamilyError(f"{files.model.name}: {what} is not supported by the cloud; supported: {supported()}")
 
 
 from . import idefics3, llama  # noqa: E402,F401  (registration)
 
-__all__ = ["PARTS", "Example", "Family", "FamilyError", "RowMap", "Twin", "collate", "family_for", "load_teacher",
-           "register", "supported"]
+__all__ = ["PARTS", "DeviceFiles", "Example", "Family", "FamilyError", "RowMap", "Twin", "collate", "family_for",
+           "family_of", "load_teacher", "register", "supported"]

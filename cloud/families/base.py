@@ -71,12 +71,15 @@ class Family(ABC):
     projector_types: ClassVar[tuple[str, ...]] = ()  # clip.projector_type of the mmproj; () = text-only
 
     @abstractmethod
-    def load_twin(self, model_gguf: Path, mmproj_gguf: Path | None = None) -> Twin:
-        """The HF twin with weights bit-equal to ``gguf.quants.dequantize`` of the device files."""
+    def load_twin(self, model_gguf: Path, mmproj_gguf: Path | None = None, parsed=None) -> Twin:
+        """The HF twin with weights bit-equal to ``gguf.quants.dequantize`` of the device files.
+        ``parsed``: those files' :class:`~cloud.families.DeviceFiles` when the caller already
+        parsed them (a round does, once); the twin keeps its row maps in ``meta["row_maps"]``."""
 
     @abstractmethod
     def row_maps(self, twin: Twin) -> list[RowMap]:
-        """Every GGUF tensor of the pair and the HF parameter (and rows) it comes from."""
+        """Every GGUF tensor of the pair and the HF parameter (and rows) it comes from
+        (``twin.meta["row_maps"]``, built with the twin, when it is there)."""
 
     @abstractmethod
     def lora_targets(self, model: torch.nn.Module, parts: Sequence[str] = PARTS) -> list[str]:

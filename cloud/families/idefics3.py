@@ -18,6 +18,7 @@ import torch
 
 from . import register
 from .base import PARTS, Example, Family, FamilyError, RowMap, Twin
+from .device_files import DeviceFiles
 from .idefics3_layout import IMAGE, Geometry, HFVocab, LlamaVocab, layout
 from .llama import eos_ids, field, language_targets, load_causal_lm, text_row_maps, with_answer
 
@@ -55,14 +56,16 @@ class Idefics3(Family):
     architectures = ("llama",)
     projector_types = ("idefics3",)
 
-    def load_twin(self, model_gguf: Path, mmproj_gguf: Path | None = None) -> Twin:
+    def load_twin(self, model_gguf: Path, mmproj_gguf: Path | None = None, parsed=None) -> Twin:
         from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
         if mmproj_gguf is None:
             raise FamilyError(f"{Path(model_gguf).name}: the idefics3 family needs its mmproj")
         model_gguf, mmproj_gguf = Path(model_gguf), Path(mmproj_gguf)
         text, tok = load_causal_lm(model_gguf)
-        reader, mm = gguf.GGUFReader(str(model_gguf), "r"), gguf.GGUFReader(str(mmproj_gguf), "r")
+        if parsed is None:
+            parsed = DeviceFiles.open({"model": model_gguf, "mmproj": mmproj_gguf})
+        reader, mm = parsed.readers["model"], parsed.readers["mmproj"]
         vocab = LlamaVocab(str(model_gguf))
         img_id = vocab.lookup(IMAGE)
         geo = Geometry.from_mmproj(mm)
@@ -87,10 +90,16 @@ class Idefics3(Family):
         meta = {"eos_ids": eos_ids(reader), "pad_id": int(field(reader, "tokenizer.ggml.padding_token_id", 0)),
                 "chat_template": field(reader, "tokenizer.chat_template"), "geometry": geo, "image_token_id": img_id,
                 "mmproj_names": names}
-        return Twin(self, model, {"model": model_gguf, "mmproj": mmproj_gguf}, tok, vocab, meta)
+        twin = Twin(self, model, {"model": model_gguf, "mmproj": mmproj_gguf}, tok, vocab, meta)
+        meta["row_maps"] = self._row_maps(twin, reader)
+        return twin
 
     def row_maps(self, twin: Twin) -> list[RowMap]:
-        reader = gguf.GGUFReader(str(twin.files["model"]), "r")
+        if "row_maps" in twin.meta:
+            return twin.meta["row_maps"]
+        return self._row_maps(twin, gguf.GGUFReader(str(twin.files["model"]), "r"))
+
+    def _row_maps(self, twin: Twin, reader: gguf.GGUFReader) -> list[RowMap]:
         maps = text_row_maps(reader, list(twin.model.state_dict()), twin.model.config.text_config, "model.text_model.")
         return maps + [RowMap(g, "mmproj", n) for g, n in twin.meta["mmproj_names"].items()]
 

@@ -101,16 +101,20 @@ class CausalLM(Family):
     name = "causal-lm"
     architectures = ("llama", "gemma3")
 
-    def load_twin(self, model_gguf: Path, mmproj_gguf: Path | None = None) -> Twin:
+    def load_twin(self, model_gguf: Path, mmproj_gguf: Path | None = None, parsed=None) -> Twin:
         if mmproj_gguf is not None:
             raise FamilyError(f"{Path(model_gguf).name}: text-only family given an mmproj")
-        reader = gguf.GGUFReader(str(model_gguf), "r")
+        reader = parsed.readers["model"] if parsed is not None else gguf.GGUFReader(str(model_gguf), "r")
         model, tok = load_causal_lm(Path(model_gguf))
         meta = {"eos_ids": eos_ids(reader), "pad_id": int(field(reader, "tokenizer.ggml.padding_token_id", 0)),
                 "chat_template": field(reader, "tokenizer.chat_template"), "arch": str(field(reader, "general.architecture"))}
-        return Twin(self, model, {"model": Path(model_gguf)}, tok, LlamaVocab(str(model_gguf)), meta)
+        twin = Twin(self, model, {"model": Path(model_gguf)}, tok, LlamaVocab(str(model_gguf)), meta)
+        meta["row_maps"] = text_row_maps(reader, list(model.state_dict()), model.config)
+        return twin
 
     def row_maps(self, twin: Twin) -> list[RowMap]:
+        if "row_maps" in twin.meta:
+            return twin.meta["row_maps"]
         reader = gguf.GGUFReader(str(twin.files["model"]), "r")
         return text_row_maps(reader, list(twin.model.state_dict()), twin.model.config)
 

@@ -9,7 +9,7 @@ import tiny_families as tiny
 import torch
 
 from cloud.akd import AKDConfig, DistillSet, distil_twin
-from cloud.dwc import DWCConfig, compress, fisher_diag, patched_twin
+from cloud.dwc import DWCConfig, apply_patch, compress, fisher_diag, patched_twin
 from cloud.families import family_for
 from cloud.families.teacher import Teacher
 
@@ -34,7 +34,11 @@ def test_patch_lands_in_the_right_rows(twin, llama_gguf, tmp_path):
     res = compress(merged, twin, {"model": llama_gguf["f32"]}, tmp_path / "p.gguf", DWCConfig(budget_bytes=None),
                    "r1", "", fisher)
     assert res.tensors_patched >= 14 and not res.skipped
-    patched, _, _ = patched_twin({"model": llama_gguf["f32"]}, res.patch_path)
+    (tmp_path / "new").mkdir()
+    pfiles, patch = apply_patch({"model": llama_gguf["f32"]}, res.patch_path, tmp_path / "new")
+    patched = patched_twin(twin, patch, pfiles)
+    fresh = family_for(pfiles["model"]).load_twin(pfiles["model"]).model.state_dict()  # the rows, put back
+    assert all(torch.equal(v, fresh[n]) for n, v in patched.model.state_dict().items())
     # F32 re-quantization is exact: every HF weight of the patched device file equals the merged model's
     want, got = merged.state_dict(), patched.model.state_dict()
     for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
