@@ -2,14 +2,15 @@
 
 check the token and that there is something to learn from (one request, before any slow work) ->
 measure the current model -> upload pending queue -> make sure the cloud has this model -> request the round -> follow its
-progress -> download the patch -> verify + atomic apply (new version) -> reload the runtime ->
-evaluate on the device's held-out set -> report.  Each step is one call; the CLI and the TUI
-both drive this function and only render its progress and report.
+progress -> download the patch -> verify + atomic apply (new version) -> load it once: smoke
+test, reload, evaluation on the device's held-out set all on that load -> report.  Each step is
+one call; the CLI and the TUI both drive this function and only render its progress and report.
 """
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ from device.queue import Queue
 from device.resume import clear_inflight, follow, load_inflight, release, sync_lock
 from device.runtime import Runtime, RuntimeConfig
 from device import eval_cache
-from device.smoke import smoke_test
+from device.smoke import open_tested
 from device.trust import private_dir, trusted_key
 from device.queue_sync import sync_queue
 from device.uplink import MAX_PATCH_BYTES, CloudClient, CloudError
@@ -96,9 +97,11 @@ def _check(cancel: threading.Event | None) -> None:
         raise InterruptedError("sync cancelled")
 
 
-def _eval(model: DeviceModel, opts: SyncOptions, threads: int, device_dir: Path) -> tuple[dict | None, bool]:
-    """(accuracy, reused): measured by llama.cpp, or read back when these exact model bytes were
-    measured on this exact eval set before (device.eval_cache)."""
+def _eval(model: DeviceModel, opts: SyncOptions, threads: int, device_dir: Path,
+          runtime: Runtime | None = None) -> tuple[dict | None, bool]:
+    """(accuracy, reused): measured by llama.cpp (on ``runtime`` when one is loaded on ``model``
+    already; it stays open), or read back when these exact model bytes were measured on this
+    exact eval set before (device.eval_cache)."""
     if not opts.evaluate or not Path(opts.eval_path).is_file():
         return None, False
     key = eval_cache.cache_key(model.id, Path(opts.eval_path), opts.eval_per_domain)
@@ -106,7 +109,8 @@ def _eval(model: DeviceModel, opts: SyncOptions, threads: int, device_dir: Path)
     if hit is not None:
         return hit, True
     qas = load_eval_set(opts.eval_path, opts.eval_per_domain)
-    with Runtime(RuntimeConfig(model.model, model.mmproj, n_threads=threads)) as rt:
+    with (nullcontext(runtime) if runtime is not None else
+          Runtime(RuntimeConfig(model.model, model.mmproj, n_threads=threads))) as rt:
         res = evaluate(rt, qas)
     res.pop("answers", None)
     eval_cache.save(device_dir, key, res, model.version)
@@ -168,15 +172,14 @@ def _run_locked(settings: Settings, client: CloudClient, opts: SyncOptions, quan
     rep.tensors_patched, rep.rows_patched = dwc.tensors_patched, dwc.rows_patched
 
     _check(cancel)
-    new_model = _downlink(settings, client, model, st, key, opts, quant, rep, stage, cancel)
-    if reload is not None:
-        rep.reload_seconds = reload(new_model)
-    else:
-        t = time.perf_counter()
-        Runtime(RuntimeConfig(new_model.model, new_model.mmproj, n_threads=settings.threads)).close()
-        rep.reload_seconds = time.perf_counter() - t
-    stage("evaluate", 0.0, "measuring the patched device model")
-    rep.accuracy_after, _ = _eval(new_model, opts, settings.threads, settings.device_dir)
+    new_model, rt, load_s = _downlink(settings, client, model, st, key, opts, quant, rep, stage, cancel)
+    try:  # rt: the new version, loaded once by the smoke test; the evaluation runs on it too
+        # a live session (the TUI's) reloads itself; otherwise that load is the reload
+        rep.reload_seconds = reload(new_model) if reload is not None else load_s
+        stage("evaluate", 0.0, "measuring the patched device model")
+        rep.accuracy_after, _ = _eval(new_model, opts, settings.threads, settings.device_dir, rt)
+    finally:
+        rt.close()
     stage("evaluate", 1.0, "done")
     return rep
 
@@ -216,9 +219,11 @@ def patch_cap(opts: RoundOptions) -> int:
 
 def _downlink(settings: Settings, client: CloudClient, model: DeviceModel, st: RoundStatus, key: str | None,
               opts: SyncOptions, quant: str | None, rep: SyncReport, stage: Stage,
-              cancel: threading.Event | None) -> DeviceModel:
+              cancel: threading.Event | None) -> tuple[DeviceModel, Runtime, float]:
     """Download, authenticate, apply, smoke-test.  Any refusal leaves the device on its current
-    version, releases the round on the cloud (its samples become usable again) and raises one line."""
+    version, releases the round on the cloud (its samples become usable again) and raises one line.
+    Returns (new model, the runtime the smoke test loaded it in -- the caller closes it --, seconds
+    that load took)."""
     store, rid = model.store, st.round_id
     if rep.resumed and store.current().round_id == rid:
         new_model = model  # applied before a crash cleared the record: only the smoke test is left
@@ -247,7 +252,7 @@ def _downlink(settings: Settings, client: CloudClient, model: DeviceModel, st: R
         rep.apply_seconds, rep.version_after = res.seconds, res.version.id
         new_model = open_device_model(settings, quant=quant)
     stage("apply", 0.5, "smoke-testing the new version")
-    smoke = smoke_test(new_model, model, threads=1)
+    rt, smoke, load_s = open_tested(new_model, model, settings.threads)
     if not smoke.ok:
         back = store.rollback()
         release(client, settings.device_dir, rid)
@@ -255,4 +260,4 @@ def _downlink(settings: Settings, client: CloudClient, model: DeviceModel, st: R
                            f"rolled back to {back.id}")
     clear_inflight(settings.device_dir)
     stage("apply", 1.0, f"now on {rep.version_after}")
-    return new_model
+    return new_model, rt, load_s
