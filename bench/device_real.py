@@ -88,33 +88,43 @@ def hook_ratio(path: Path, passes: int = 4, exact: bool = False) -> dict:
             "cpu_us_per_token": 1e6 * (1 / cps[True] - 1 / cps[False]), "sample_answer": sample[:120]}
 
 
-def llama_vs_transformers(path: Path, n_prompts: int = 2) -> dict:
-    """Greedy decode of the same prompt ids, MAX_TOKENS steps each, one thread both sides."""
+def llama_vs_transformers(path: Path, n_prompts: int = 3, passes: int = 2) -> dict:
+    """Greedy decode of the same prompt ids, MAX_TOKENS steps each, one thread both sides,
+    interleaved prompt by prompt (llama.cpp, then transformers) so both see the same machine
+    load. Wall time and the decoding thread's CPU time are both summed; on a shared machine the
+    CPU-time ratio is the stable one."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(THREADS)
-    with _rt(path) as rt:
-        ids = [rt.prompt_ids(q) for q in QUESTIONS[:n_prompts]]
-        rt.generate(QUESTIONS[0])
-        tok, dec = 0, 0.0
-        for q in QUESTIONS[:n_prompts]:
-            g = rt.generate(q)
-            tok, dec = tok + len(g.token_ids), dec + g.decode_s
-    llama_tps = tok / dec
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    htok, hdec = 0, 0.0
-    with torch.no_grad():
-        for p in ids:
-            out = model(torch.tensor([p]), use_cache=True)
+    acc = {"llama": [0, 0.0, 0.0], "transformers": [0, 0.0, 0.0]}  # tokens, wall s, cpu s
+
+    def hf_decode(ids: list[int]) -> None:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), use_cache=True)
             past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             for _ in range(MAX_TOKENS):
                 out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
                 past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
-            hdec += time.perf_counter() - t
-            htok += MAX_TOKENS
-    return {"llama_tps": llama_tps, "transformers_tps": htok / hdec, "speedup": llama_tps / (htok / hdec)}
+            a = acc["transformers"]
+            a[0], a[1], a[2] = a[0] + MAX_TOKENS, a[1] + time.perf_counter() - t, a[2] + time.thread_time() - c
+
+    with _rt(path) as rt:
+        rt.generate(QUESTIONS[0])  # warm-up
+        for _ in range(passes):
+            for q in QUESTIONS[:n_prompts]:
+                g = rt.generate(q)
+                a = acc["llama"]
+                a[0], a[1], a[2] = a[0] + len(g.token_ids), a[1] + g.decode_s, a[2] + g.decode_cpu_s
+                hf_decode(rt.prompt_ids(q))
+    tps = {k: v[0] / v[1] for k, v in acc.items()}
+    cps = {k: v[0] / v[2] for k, v in acc.items()}
+    return {"llama_tps": tps["llama"], "transformers_tps": tps["transformers"],
+            "speedup": tps["llama"] / tps["transformers"], "llama_cpu_tps": cps["llama"],
+            "transformers_cpu_tps": cps["transformers"], "cpu_speedup": cps["llama"] / cps["transformers"],
+            "tokens": {k: v[0] for k, v in acc.items()}}
 
 
 def _wchar() -> int:
