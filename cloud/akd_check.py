@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from device.contracts.config import DEFAULT_MMPROJ, DEFAULT_MODEL_DIR
+from device.contracts.config import DEFAULT_MODEL_DIR
 
 
 def main(build: Path = DEFAULT_MODEL_DIR, steps: int = 20) -> None:
@@ -36,7 +36,7 @@ def main(build: Path = DEFAULT_MODEL_DIR, steps: int = 20) -> None:
     from device.contracts.dataset import read_llava
 
     model = next(p for p in (build / "student-q4_0.gguf", build / "student-f32.gguf") if p.is_file())
-    mmproj = build / DEFAULT_MMPROJ  # the device's own pair
+    mmproj = build / "mmproj-f32.gguf"
     twin = family_for(model, mmproj).load_twin(model, mmproj)
     teacher = Teacher(build / "teacher")
     qas = [q for q in read_llava(build / "data" / "eval.json") if q.meta.get("domain") == "noise"][:32]

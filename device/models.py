@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device.contracts.atomic import write_text_atomic
-from device.contracts.config import DEFAULT_MMPROJ, DEFAULT_MODEL_DIR, Settings
+from device.contracts.config import DEFAULT_MODEL_DIR, Settings
 from device.contracts.feature_stats import FEATURE_STATS_FILE, FeatureStats
 from device.contracts.gguf_index import GGUFIndexError, read_index
 from device.contracts.model_id import model_id, model_id_from_hashes
@@ -55,7 +55,7 @@ class DeviceModel:
 def bundled_files(quant: str, model_dir: Path = DEFAULT_MODEL_DIR) -> tuple[Path, Path]:
     if quant not in QUANTS:
         raise ValueError(f"unknown device quantization {quant!r}; choose from {', '.join(QUANTS)}")
-    model, mmproj = model_dir / f"student-{quant}.gguf", model_dir / DEFAULT_MMPROJ
+    model, mmproj = model_dir / f"student-{quant}.gguf", model_dir / "mmproj-f32.gguf"
     for p in (model, mmproj):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: embedded model file missing (run `cdcca models build --out {model_dir}`)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from device.contracts.config import DEFAULT_MMPROJ, DEFAULT_MODEL_DIR, REFERENCE_MMPROJ
+from device.contracts.config import DEFAULT_MODEL_DIR
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def _isolated_home(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def assets() -> Path:
     d = DEFAULT_MODEL_DIR
-    missing = [f for f in ("student-f32.gguf", "student-q8_0.gguf", "student-q4_0.gguf", REFERENCE_MMPROJ, DEFAULT_MMPROJ,
+    missing = [f for f in ("student-f32.gguf", "student-q8_0.gguf", "student-q4_0.gguf", "mmproj-f32.gguf",
                            "student/config.json", "teacher/config.json", "data/eval.json", "data/replay.json",
                            "manifest.json") if not (d / f).is_file()]
     assert not missing, f"embedded default models missing from {d}: {missing}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from device.contracts.config import DEFAULT_MMPROJ, REFERENCE_MMPROJ
 from device.contracts.model_id import file_sha256 as sha256_file  # the one file hash
 
 from .scenes import DOMAINS
@@ -21,8 +20,6 @@ def is_build_folder(model_dir: str | Path) -> bool:
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 DEFAULT_QUANT = "q4_0"
-# the mmproj files a build writes: the F32 parity reference and the device's own (config.py says why)
-MMPROJ_QUANTS = tuple(n.removeprefix("mmproj-").removesuffix(".gguf") for n in (REFERENCE_MMPROJ, DEFAULT_MMPROJ))
 
 
 # ---------------------------------------------------------------- export
@@ -51,7 +48,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
     return dst
 
 
-def export_student(ckpt: Path, out: Path, quants=QUANTS, mmproj_quants=MMPROJ_QUANTS) -> dict[str, int]:
+def export_student(ckpt: Path, out: Path, quants=QUANTS, mmproj_quants=("f32", "f16")) -> dict[str, int]:
     """``student-{q}.gguf`` for each device type and ``mmproj-{q}.gguf``; returns their sizes."""
     from cloud.converter import convert
 

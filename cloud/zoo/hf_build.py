@@ -19,15 +19,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from device.contracts.config import DEFAULT_MMPROJ, REFERENCE_MMPROJ
-
 from .scenes import DOMAINS, TARGET_DOMAINS
 
 ZOO_DIR = Path(__file__).parent
 # the files whose code decides a role's weights (the export/eval half of this file does not)
 TRAINING_CODE = ("scenes.py", "split.py", "spm_tokenizer.py", "hf_model.py", "hf_data.py", "hf_train.py")
-from .hf_assets import (DEFAULT_QUANT, MMPROJ_QUANTS, QUANTS, _accuracy_table, agreement, device_answers,
-                        export_student, parity, sha256_file, torch_answers, write_datasets, write_feature_stats)
+from .hf_assets import (DEFAULT_QUANT, QUANTS, _accuracy_table, agreement, device_answers, export_student,
+                        parity, sha256_file, torch_answers, write_datasets, write_feature_stats)
 
 
 @dataclass
@@ -274,17 +272,17 @@ def build(preset: str | HFBuildConfig = "default", out: Path | str = "assets/def
     for r, d in roles.items():
         shutil.copytree(d, tmp / r)
     quick = cfg.preset == "tiny"
-    sizes = export_student(tmp / "student", tmp, ("f32", DEFAULT_QUANT) if quick else QUANTS, MMPROJ_QUANTS)
+    sizes = export_student(tmp / "student", tmp, ("f32", DEFAULT_QUANT) if quick else QUANTS, ("f32",))
     write_feature_stats(tmp / "student", tmp, stages(cfg, "student")[0][0])
     data_files = write_datasets(tmp, cfg)
     ev = from_samples([s for d in DOMAINS for s in scenes.generate(d, cfg.eval_n, cfg.seed + 1000)])
     from .scoring import score
 
     probe = from_samples([s for d in DOMAINS for s in scenes.generate(d, min(cfg.eval_n, 60), cfg.seed + 1000)])
-    fidelity = {q: parity(tmp / "student", tmp / f"student-{q}.gguf", tmp / REFERENCE_MMPROJ, probe)
+    fidelity = {q: parity(tmp / "student", tmp / f"student-{q}.gguf", tmp / "mmproj-f32.gguf", probe)
                 for q in (("f32", DEFAULT_QUANT) if quick else QUANTS)}
     answers = {r: torch_answers(tmp / r, ev) for r in ("student", "teacher")}
-    dev = device_answers(tmp / f"student-{DEFAULT_QUANT}.gguf", tmp / DEFAULT_MMPROJ, ev)  # the device's own pair
+    dev = device_answers(tmp / f"student-{DEFAULT_QUANT}.gguf", tmp / "mmproj-f32.gguf", ev)
     acc = {"student": score(answers["student"], ev), "teacher": score(answers["teacher"], ev),
            f"student_device_{DEFAULT_QUANT}": score(dev, ev)}
     manifest = {
@@ -295,8 +293,7 @@ def build(preset: str | HFBuildConfig = "default", out: Path | str = "assets/def
         "image_tokens": {r: ModelSpec.from_dict(getattr(cfg, r).spec).tokens_per_image() for r in roles},
         "gguf_bytes": sizes, "accuracy": acc,
         "device_vs_torch_agreement": {DEFAULT_QUANT: agreement(dev, answers["student"])},
-        "device_vs_torch_probe": fidelity,  # per text quant type, with the F32 reference mmproj, 60 per domain
-        "device_pair": {"model": f"student-{DEFAULT_QUANT}.gguf", "mmproj": DEFAULT_MMPROJ},
+        "device_vs_torch_probe": fidelity,  # per quant type, mmproj f32, 60 per domain
         "teacher_beats_student_by": {d: acc["teacher"]["domains"][d]["vqa"] - acc["student"]["domains"][d]["vqa"]
                                      for d in TARGET_DOMAINS},
         "files": {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))

@@ -19,12 +19,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS_DIR = REPO_ROOT / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "default"
-# The embedded default's device mmproj. Q8_0, not F32: on 750 development questions the device
-# answered exactly as with the F32 file, the GGUF pair is 47 % smaller (414 KB vs 775 KB), and a
-# DWC patch row of the vision tower costs 3.8x fewer bytes, so a round's budget can reach the
-# encoder that pixel-level shifts need. The F32 file stays in the build as the parity reference.
-DEFAULT_MMPROJ = "mmproj-q8_0.gguf"
-REFERENCE_MMPROJ = "mmproj-f32.gguf"
 DEFAULT_CLOUD_URL = "http://127.0.0.1:8765"
 
 # --- the on-disk layout, spelled once (the Settings properties below build the paths) ---------

@@ -25,7 +25,7 @@ from bench.seam import METHODS, seeds_of
 from bench.seam_jobs import PAIRS, drifted_pair, equal_bytes_index, stream_samples
 from cloud.zoo.hf_assets import is_build_folder
 from bench.table import Table, mean_std, na, num
-from device.contracts.config import DEFAULT_MMPROJ, DEFAULT_MODEL_DIR
+from device.contracts.config import DEFAULT_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("## 1. Accuracy after one round on the family seam", "## 2. Transmission", "## 3. Device performance",
@@ -154,7 +154,7 @@ def test_transmission_device_and_fleet_measure_what_they_claim(tiny):
     assert uts[1] < raw[1]  # UTS payload bytes < every chat's raw payload
     assert 0 < patch[1] <= DEFAULT_BUDGET < full[1] and patch[1] < delta[1]
     assert full[1] == sum(p.stat().st_size for p in (DEFAULT_MODEL_DIR / "student-q4_0.gguf",
-                                                      DEFAULT_MODEL_DIR / DEFAULT_MMPROJ))
+                                                      DEFAULT_MODEL_DIR / "mmproj-f32.gguf"))
     dev = js["sections"]["device"]
     decode = {t["key"]: t for t in dev["tables"]}["decode"]
     assert len(decode["rows"]) == 4 and "family seam" in decode["rows"][3]["label"]

@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-from device.contracts.config import DEFAULT_MMPROJ, REFERENCE_MMPROJ
-
 CDCCA = [sys.executable, "-m", "cdcca_cli"]
 
 
@@ -24,7 +22,7 @@ def test_build_tiny_then_info(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["preset"] == "tiny" and m["family"] == "idefics3"
-    assert all((out / f).is_file() for f in ("student-q4_0.gguf", REFERENCE_MMPROJ, DEFAULT_MMPROJ, "teacher/config.json",
+    assert all((out / f).is_file() for f in ("student-q4_0.gguf", "mmproj-f32.gguf", "teacher/config.json",
                                              "data/eval.json", "data/replay.json"))
     assert m["config_hash"] in r.stdout and "teacher VQA" in r.stdout
     info = subprocess.run(CDCCA + ["models", "info", str(out)], capture_output=True, text=True, timeout=120, env=env)

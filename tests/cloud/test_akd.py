@@ -9,7 +9,6 @@ from cloud.akd import AKDConfig, DistillSet, ReplaySet, distil_twin
 from cloud.families import family_for
 from cloud.families.teacher import Teacher
 from cloud.zoo import scenes
-from device.contracts.config import DEFAULT_MMPROJ
 
 LM = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -17,7 +16,7 @@ LM = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj
 @pytest.fixture(scope="module")
 def pair(assets):
     torch.set_num_threads(1)
-    model, mmproj = assets / "student-q4_0.gguf", assets / DEFAULT_MMPROJ
+    model, mmproj = assets / "student-q4_0.gguf", assets / "mmproj-f32.gguf"
     return family_for(model, mmproj).load_twin(model, mmproj), Teacher(assets / "teacher")
 
 

@@ -3,7 +3,6 @@ the evidence that UTS picks the right samples (AUROC figures are in the issue's 
 import numpy as np
 
 from cloud.zoo import scenes
-from device.contracts.config import DEFAULT_MMPROJ
 from device.contracts.feature_stats import FeatureStats
 from device.runtime import Runtime, RuntimeConfig
 from device.uncertainty import UncertaintyRecorder
@@ -13,7 +12,7 @@ from device.uts import token_ood
 def test_target_domains_get_higher_uncertainty_than_source(assets):
     stats = FeatureStats.load(assets / "feature_stats.npz")
     ent, ood = {}, {}
-    with Runtime(RuntimeConfig(assets / "student-q4_0.gguf", assets / DEFAULT_MMPROJ, n_threads=1)) as rt:
+    with Runtime(RuntimeConfig(assets / "student-q4_0.gguf", assets / "mmproj-f32.gguf", n_threads=1)) as rt:
         for d in scenes.DOMAINS:
             e, o = [], []
             for s in scenes.generate(d, 60, 31):

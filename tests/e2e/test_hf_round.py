@@ -16,7 +16,7 @@ from cloud.families import family_for
 from cloud.fidelity import fidelity
 from cloud.loopback import LoopbackCloud
 from cloud.round_job import make_runner
-from device.contracts.config import DEFAULT_MMPROJ, load_settings
+from device.contracts.config import load_settings
 from device.contracts.dataset import read_llava
 from device.contracts.feature_stats import FeatureStats
 from device.contracts.image import load_image
@@ -51,7 +51,7 @@ def test_sync_round_on_the_hf_default(hf_default, tmp_path, monkeypatch):
     if hf_default is None:
         from device.contracts.config import ASSETS_DIR
         hf_default = ASSETS_DIR / "default"
-    model, mmproj = hf_default / "student-q4_0.gguf", hf_default / DEFAULT_MMPROJ
+    model, mmproj = hf_default / "student-q4_0.gguf", hf_default / "mmproj-f32.gguf"
     store_for(settings, "q4_0").install_base(model, mmproj)
     eval_json = hf_default / "data" / "eval.json"
     drifted = [q for q in read_llava(eval_json) if q.meta.get("domain") in ("noise", "texture")][:24]
