@@ -55,11 +55,10 @@ def fidelity(twin: Twin, files: dict[str, Path], probes: Sequence[tuple[np.ndarr
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m cloud.fidelity BUILD_DIR [N]``: device-vs-twin figures for every
-    ``student-*.gguf`` of a build folder (with its F32 reference mmproj) on the first N eval images."""
+    ``student-*.gguf`` of a build folder (with its ``mmproj-f32.gguf``) on the first N eval images."""
     import sys
     import time
 
-    from device.contracts.config import REFERENCE_MMPROJ
     from device.contracts.dataset import read_llava
     from device.contracts.image import load_image
 
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     every = read_llava(build / "data" / "eval.json")
     qas = every[:: max(1, len(every) // n)][:n]  # spread over the file's domains
-    mmproj = build / REFERENCE_MMPROJ
+    mmproj = build / "mmproj-f32.gguf"
     for model in sorted(build.glob("student-*.gguf")):
         t = time.time()
         twin = family_for(model, mmproj).load_twin(model, mmproj)
