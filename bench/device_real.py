@@ -209,8 +209,7 @@ def run_real(work: Path) -> dict:
         out["hook"][name] = hook_ratio(path)
     big_vocab = max(out["hook"], key=lambda n: out["hook"][n]["n_vocab"])
     out["hook_exact"] = {big_vocab: hook_ratio(found[big_vocab], passes=2, exact=True)}  # the float64 baseline
-    if "smollm2-135m-q4_1" in found:
-        out["vs_transformers"] = llama_vs_transformers(found["smollm2-135m-q4_1"])
+    out["vs_transformers"] = {name: llama_vs_transformers(path) for name, path in found.items()}
     big = found.get("gemma3-270m-q4_k_m") or found.get("smollm2-135m-q4_1")
     work.mkdir(parents=True, exist_ok=True)
     out["apply"] = apply_vs_replace(work, big) | {"model": big.name}
