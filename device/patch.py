@@ -55,21 +55,27 @@ def plan_patch(patch: Patch, files: Mapping[str, Path]) -> list[Placement]:
         except GGUFIndexError as e:
             raise PatchError(str(e)) from None
     placements = [_place(patch.path, e, p, indexes[e.role]) for e, p in zip(patch.entries, patch.payloads)]
-    base = hashlib.sha256()
+    if _spans_hash(files, placements) != patch.meta.base_hash:
+        raise PatchError(f"{patch.path}: base hash mismatch: the patch was built for other weights "
+                         "or is already applied; nothing written")
+    _check_data_hashes(patch, files)
+    return placements
+
+
+def _spans_hash(files: Mapping[str, Path], placements: Sequence[Placement]) -> str:
+    """sha256 over the bytes the placements cover, in patch order: before writing it must equal the
+    patch's base hash, after writing its target hash."""
+    h = hashlib.sha256()
     handles = {}
     try:
         for pl in placements:
             f = handles.get(pl.entry.role) or handles.setdefault(pl.entry.role, open(files[pl.entry.role], "rb"))
             f.seek(pl.file_offset)
-            base.update(f.read(pl.entry.nbytes))
+            h.update(f.read(pl.entry.nbytes))
     finally:
         for f in handles.values():
             f.close()
-    if base.hexdigest() != patch.meta.base_hash:
-        raise PatchError(f"{patch.path}: base hash mismatch: the patch was built for other weights "
-                         "or is already applied; nothing written")
-    _check_data_hashes(patch, files)
-    return placements
+    return h.hexdigest()
 
 
 def _place(path: Path, e: PatchEntry, payload: bytes, index: GGUFIndex) -> Placement:
@@ -117,17 +123,7 @@ def write_placements(path: Path, placements: Sequence[Placement], crash_hook=Non
 def verify_written(patch: Patch, placements: Sequence[Placement], files: Mapping[str, Path]) -> None:
     """Re-read the written spans and compare with the patch's target hash (catches a short write,
     a wrong offset, or a file that is not the copy we think it is)."""
-    h = hashlib.sha256()
-    handles = {}
-    try:
-        for pl in placements:
-            f = handles.get(pl.entry.role) or handles.setdefault(pl.entry.role, open(files[pl.entry.role], "rb"))
-            f.seek(pl.file_offset)
-            h.update(f.read(pl.entry.nbytes))
-    finally:
-        for f in handles.values():
-            f.close()
-    if h.hexdigest() != patch.meta.target_hash:
+    if _spans_hash(files, placements) != patch.meta.target_hash:
         raise PatchError(f"{patch.path}: target hash mismatch after writing; new version discarded")
 
 
