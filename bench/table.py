@@ -64,6 +64,9 @@ class Table:
         if len(cells) != len(self.columns) - 1:
             raise ValueError(f"table {self.key}: row {label!r} has {len(cells)} cells, "
                              f"expected {len(self.columns) - 1}")
+        bad = [c for c in cells if not isinstance(c, Cell)]
+        if bad:  # fail where the row is made, not when the report renders at the end of a long run
+            raise TypeError(f"table {self.key}: row {label!r} has non-Cell cells {bad!r} (use num/na)")
         self.rows.append((label, list(cells)))
 
     def markdown(self) -> str:

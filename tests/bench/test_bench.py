@@ -203,3 +203,39 @@ def test_table_helpers():
                                               "b": {"na": "no uplink"}}
     with pytest.raises(ValueError):
         t.add("z", [num(1)])
+    with pytest.raises(TypeError):  # a bare string would only fail when the report renders
+        t.add("z", [num(1), "-"])
+
+
+def _real_result() -> dict:
+    """What bench.device_real.run_real returns (its keys; the values are illustrative, not claims)."""
+    hook = {"n_vocab": 49152, "prompt_kind": "template", "tps_without": 55.0, "tps_with": 53.5, "ratio": 0.973,
+            "cpu_tps_without": 55.5, "cpu_tps_with": 53.8, "cpu_ratio": 0.97, "tokens": 544, "us_per_token": 490.0,
+            "cpu_us_per_token": 550.0, "sample_answer": "x"}
+    vs = {"llama_tps": 14.8, "transformers_tps": 6.1, "speedup": 2.4, "llama_cpu_tps": 49.8,
+          "transformers_cpu_tps": 15.9, "cpu_speedup": 3.1, "tokens": {"llama": 164, "transformers": 192}}
+    apply = {"apply": 0.05, "refresh": 0.0005, "reload": 0.5, "identify": 0.18, "copy": 0.27, "reload_full": 1.3,
+             "wchar": 165486, "patch_bytes": 55104, "payload_bytes": 54144, "journal_bytes": 108795,
+             "model_bytes": 253113024, "full_s": 1.6, "ratio_hot": 0.033, "ratio_reload": 0.35,
+             "ratio_hot_with_identify": 0.147, "model": "m.gguf"}
+    return {"models": {"m": "m.gguf"}, "hook": {"m": hook}, "hook_exact": {"m": hook},
+            "vs_transformers": {"m": vs}, "apply": apply}
+
+
+def test_real_rows_render(monkeypatch, tmp_path):
+    """The opt-in real-GGUF rows (registry packages, not installed in CI) render into the report:
+    every cell is a Cell, and each goal's verdict follows its number."""
+    from types import SimpleNamespace
+
+    from bench import device_perf, device_real
+    from bench.common import Section
+
+    monkeypatch.setenv("CDCCA_BENCH_REAL", "1")
+    monkeypatch.setattr(device_real, "run_real", lambda work: _real_result())
+    sec = Section("device", "Device")
+    device_perf.real_rows(sec, SimpleNamespace(profile=SimpleNamespace(name="quick"), work=tmp_path))
+    md = "\n".join(t.markdown() for t in sec.tables)
+    assert [t.key for t in sec.tables] == ["real_uncertainty", "real_engines", "real_apply"]
+    assert "| m (template, float32 (default)) | 49,152 |" in md and "n/a (once)" in md
+    assert any("MISSES the >= 5x goal" in f for f in sec.not_beaten)
+    assert any("meets the >= 90% goal" in f for f in sec.findings)
