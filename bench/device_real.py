@@ -11,7 +11,9 @@ file; bytes written per apply vs patch bytes. Nothing here downloads anything.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import statistics
@@ -95,11 +97,9 @@ def llama_vs_transformers(path: Path, n_prompts: int = 3, passes: int = 2) -> di
     CPU-time ratio is the stable one."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     torch.set_num_threads(THREADS)
-    hf_logging.disable_progress_bar()  # its GGUF loader's bar would land in the bench's log
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's own tqdm bar, not the bench's log
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     acc = {"llama": [0, 0.0, 0.0], "transformers": [0, 0.0, 0.0]}  # tokens, wall s, cpu s
 
     def hf_decode(ids: list[int]) -> None:
