@@ -15,8 +15,9 @@ from PIL import Image
 from device.contracts.feature_stats import FeatureStats
 from device.contracts.image import encode_png
 from device.uncertainty import TokenUncertainty
-from device.uts import (ChatRecord, SampleGate, UTSConfig, decode_visual_tokens, encode_image, encode_visual_tokens,
-                        raw_bytes, sample_id_for, select, select_answer_tokens, select_round, token_ood)
+from device.uts import (ChatRecord, SampleGate, UTSConfig, raw_bytes, sample_id_for, select, select_answer_tokens,
+                        select_round, token_ood)
+from device.uts_payload import decode_visual_tokens, encode_image, encode_visual_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 D, P, SIDE = 32, 8, 32  # embedding dim, patch size, image side: a 4x4 grid of 16 visual tokens
