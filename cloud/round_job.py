@@ -152,9 +152,10 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
     cfg = akd or AKDConfig()
     cfg = AKDConfig(**{**cfg.__dict__, "steps": opts.steps, "lr": opts.learning_rate, "seed": opts.seed})
 
-    def on_step(i, _terms):
-        if i % 5 == 0:
-            ctx.progress("distil", 0.05 + 0.7 * i / cfg.steps, f"step {i}/{cfg.steps}")
+    def on_step(i, _terms):  # i counts from 0: report steps done, every 5th and the last
+        done = i + 1
+        if done % 5 == 0 or done == cfg.steps:
+            ctx.progress("distil", 0.05 + 0.7 * done / cfg.steps, f"step {done}/{cfg.steps}")
 
     replay = read_replay(assets.replay_path, size, assets.replay_limit)
     merged, akd_stats = train(twin, files, teacher, dset, replay, cfg, on_step, ctx.cancelled, ctx.work_dir,

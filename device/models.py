@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device.contracts.atomic import write_text_atomic
-from device.contracts.config import DEFAULT_MODEL_DIR, Settings
+from device.contracts.config import DEFAULT_MODEL_DIR, EMBEDDED_QUANTS as QUANTS, Settings
 from device.contracts.feature_stats import FEATURE_STATS_FILE, FeatureStats
 from device.contracts.gguf_index import GGUFIndexError, read_index
 from device.contracts.model_id import model_id, model_id_from_hashes
 from device.model_stats import StatsEstimator, load_matching, stats_path
 from device.versions import VersionStore
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
 ACTIVE_FILE = "ACTIVE"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 

@@ -8,6 +8,7 @@ modules in this package import concrete model classes.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from .base import PARTS, Example, Family, FamilyError, RowMap, Twin, collate, load_teacher
@@ -19,6 +20,9 @@ from .device_files import DeviceFiles
 from transformers.utils import logging as _hf_logging  # noqa: E402
 
 _hf_logging.disable_progress_bar()
+# peft asks transformers a deprecated question on every get_peft_model; the notice is for peft's
+# authors, not for someone reading a round's output
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 _REGISTRY: list[type[Family]] = []
 

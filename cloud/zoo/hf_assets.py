@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from device.contracts.config import DEFAULT_QUANT, EMBEDDED_QUANTS as QUANTS  # one table, hf_build reads it here
 from device.contracts.model_id import file_sha256 as sha256_file  # the one file hash
 
 from .scenes import DOMAINS
@@ -18,8 +19,6 @@ def is_build_folder(model_dir: str | Path) -> bool:
     d = Path(model_dir)
     return (d / "teacher" / "config.json").is_file() and (d / "manifest.json").is_file()
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
-DEFAULT_QUANT = "q4_0"
 
 
 # ---------------------------------------------------------------- export

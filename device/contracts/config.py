@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS_DIR = REPO_ROOT / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "default"
+EMBEDDED_QUANTS = ("f32", "f16", "q8_0", "q4_0")  # the student GGUF types the embedded build ships
+DEFAULT_QUANT = "q4_0"  # ... and the one a device installs unless told otherwise
 DEFAULT_CLOUD_URL = "http://127.0.0.1:8765"
 
 # --- the on-disk layout, spelled once (the Settings properties below build the paths) ---------
@@ -58,7 +60,7 @@ class Settings(BaseSettings):
     threads: int = Field(2, ge=1, description="llama.cpp threads")
     n_ctx: int = Field(512, ge=64, description="llama.cpp context length")
     max_tokens: int = Field(16, ge=1, description="max answer tokens per question")
-    device_quant: str = Field("q4_0", description="GGUF type the device installs by default")
+    device_quant: str = Field(DEFAULT_QUANT, description="GGUF type the device installs by default")
     # uplink
     cloud_url: str = Field(DEFAULT_CLOUD_URL, description="cloud server base URL")
     device_token: str | None = Field(None, description="bearer token given by `cdcca cloud add-device`")
