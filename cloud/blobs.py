@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from pathlib import Path
+from typing import Callable
 
 from device.contracts.atomic import write_bytes_atomic
 
@@ -35,6 +36,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     torn one. Files (the temp included) are 0600; a dead write's temp is ``.<sha>.<random>.tmp``."""
     private_dir(path.parent)
     write_bytes_atomic(path, data, mode=0o600)
+
+
+def put_via_temp(fs, base: str, final: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` a temp key under ``base``, then move it to ``final``: object stores have no
+    atomic rename of a growing file, so a reader never sees half an object this way."""
+    tmp = f"{base.rstrip('/')}/.tmp-{secrets.token_hex(8)}"
+    write(tmp)
+    fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+    fs.mv(tmp, final)
 
 
 class BlobStore:
@@ -70,10 +80,7 @@ class BlobStore:
             return sha
         final = self._remote(sha)
         if not self._fs.exists(final):
-            tmp = f"{self._base.rstrip('/')}/.tmp-{secrets.token_hex(8)}"
-            self._fs.pipe_file(tmp, data)
-            self._fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            self._fs.mv(tmp, final)
+            put_via_temp(self._fs, self._base, final, lambda tmp: self._fs.pipe_file(tmp, data))
         return sha
 
     def get(self, sha: str) -> bytes:

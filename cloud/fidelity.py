@@ -25,16 +25,14 @@ def fidelity(twin: Twin, files: dict[str, Path], probes: Sequence[tuple[np.ndarr
     figure is about what the user's device does, not a parity setup.  ``runtime``: a
     ``device.runtime.Runtime`` already loaded on ``files`` (a round measures fidelity and accuracy
     on one load); it is left open, and ``threads`` / ``kv_cache`` are then its own."""
-    from contextlib import nullcontext
-
-    from device.runtime import Runtime, RuntimeConfig
+    from device.runtime import RuntimeConfig, reuse_or_open
 
     fam, m = twin.family, model or twin.model
     gaps, agree, dev_ans, twin_ans = [], 0, [], []
     cfg = RuntimeConfig(Path(files["model"]), files.get("mmproj"), n_threads=threads)
     if kv_cache is not None:
         cfg.kv_cache = kv_cache
-    with (nullcontext(runtime) if runtime is not None else Runtime(cfg)) as rt:
+    with reuse_or_open(runtime, cfg) as rt:
         for img, q in probes:
             steps: list[np.ndarray] = []
             gen = rt.generate(q, img, max_tokens=max_tokens, logits_hook=lambda lg: steps.append(np.array(lg)))

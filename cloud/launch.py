@@ -118,9 +118,10 @@ def train(twin, files: dict[str, Path], teacher, dset: DistillSet, replay: Repla
     else:
         job, per_rank = Path(work_dir) / "train", max(1, threads // max(1, opts.processes))
         write_job(job, files, teacher.path, dset, replay, cfg, per_rank)
-        stats = _run(launch_command(opts, job), job, step, cancelled, per_rank)
+        result = _run(launch_command(opts, job), job, step, cancelled, per_rank)
+        stats = result["stats"]
         merged = copy.deepcopy(twin.model)
-        missing = set(_changed_keys(job)) - set(merged.state_dict())
+        missing = set(result["changed_tensors"]) - set(merged.state_dict())
         if missing:
             raise RuntimeError(f"launched training returned tensors the twin lacks: {sorted(missing)[:3]}")
         merged.load_state_dict(torch.load(job / "merged.pt", weights_only=True), strict=False)
@@ -129,10 +130,6 @@ def train(twin, files: dict[str, Path], teacher, dset: DistillSet, replay: Repla
     if curve:
         stats.update(ce_first=float(np.mean(curve[:3])), ce_last=float(np.mean(curve[-3:])))
     return merged, stats
-
-
-def _changed_keys(job: Path) -> list[str]:
-    return json.loads((job / "stats.json").read_text())["changed_tensors"]
 
 
 def write_job(job: Path, files: dict[str, Path], teacher_dir: Path, dset: DistillSet, replay: ReplaySet | None,
@@ -161,6 +158,7 @@ def _pack(images, arrays: dict, name: str) -> bool:
 
 
 def _run(cmd: list[str], job: Path, on_step, cancelled, threads: int) -> dict:
+    """Run the launch to its end (or kill it on cancel); rank 0's ``stats.json``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                           os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -181,7 +179,7 @@ def _run(cmd: list[str], job: Path, on_step, cancelled, threads: int) -> dict:
                 _kill(proc)
     if proc.returncode != 0 or not (job / "merged.pt").is_file():
         raise RuntimeError(f"accelerate launch exited {proc.returncode}: {_reason(job / 'launch.log')}")
-    return json.loads((job / "stats.json").read_text())["stats"]
+    return json.loads((job / "stats.json").read_text())  # {"stats", "changed_tensors"}
 
 
 def _reason(log: Path) -> str:

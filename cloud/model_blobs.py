@@ -15,13 +15,14 @@ issue 11) never comes here: it stays in the API's local folder until the model i
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import time
 from datetime import datetime
 from pathlib import Path
 
 from device.contracts.model_id import ROLES, model_id
+
+from .blobs import put_via_temp
 
 MARKER = "complete"
 
@@ -45,11 +46,9 @@ class RemoteModels:
         """Upload a complete local model (``{role: path}``) unless it is already there."""
         if self.exists(mid):
             return
-        self.fs.makedirs(self._key(mid), exist_ok=True)
         for role, path in files.items():
-            tmp = f"{self.base}/.tmp-{secrets.token_hex(8)}"
-            self.fs.put_file(str(path), tmp)
-            self.fs.mv(tmp, self._key(mid, f"{role}.gguf"))
+            put_via_temp(self.fs, self.base, self._key(mid, f"{role}.gguf"),
+                         lambda tmp, src=str(path): self.fs.put_file(src, tmp))
         sizes = {r: Path(p).stat().st_size for r, p in files.items()}
         self.fs.pipe_file(self._key(mid, MARKER), json.dumps(sizes).encode())
 
@@ -70,7 +69,8 @@ class RemoteModels:
 
     def ids(self) -> list[str]:
         found = self.fs.glob(f"{self.base}/*/{MARKER}")
-        return sorted(p.rstrip("/").rsplit("/", 2)[-2] for p in found)
+        names = (p.rstrip("/").rsplit("/", 2)[-2] for p in found)
+        return sorted(n for n in names if n.isalnum())  # a bucket's odd names never become local paths
 
     def remove(self, mid: str) -> int:
         """Delete a published model; returns the bytes freed."""

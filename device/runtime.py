@@ -12,7 +12,7 @@ import ctypes
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -410,6 +410,12 @@ class Runtime:
         t2, c2 = time.perf_counter(), time.thread_time()
         return Generation("".join(pieces).strip(), out, pieces, embd, len(ids) + (0 if embd is None else len(embd)),
                           t1 - t0, t2 - t1, truncated=truncated, prompt_kind=self.chat.kind, decode_cpu_s=c2 - c1)
+
+
+def reuse_or_open(runtime: Runtime | None, cfg: RuntimeConfig):
+    """A context giving ``runtime`` itself, left open (a caller that already loaded these files
+    measures several things on one load), else a new ``Runtime(cfg)`` closed on exit."""
+    return nullcontext(runtime) if runtime is not None else Runtime(cfg)
 
 
 def default_threads() -> int:

@@ -12,13 +12,12 @@ needs one load of the new version, not one for the probe, one to "reload" and on
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 
 from device.models import DeviceModel
-from device.runtime import Runtime, RuntimeConfig
+from device.runtime import Runtime, RuntimeConfig, reuse_or_open
 
 PROBE_QUESTION = "what is in the picture?"
 PROBE_TOKENS = 4
@@ -47,8 +46,7 @@ def probe(model: DeviceModel, threads: int = 1, runtime: Runtime | None = None) 
             bad_steps.append(len(bad_steps))
 
     try:
-        with (nullcontext(runtime) if runtime is not None else
-              Runtime(RuntimeConfig(model.model, model.mmproj, n_threads=threads))) as rt:
+        with reuse_or_open(runtime, RuntimeConfig(model.model, model.mmproj, n_threads=threads)) as rt:
             image = None
             if rt.has_vision and rt.image_size:
                 image = np.full((rt.image_size, rt.image_size, 3), PROBE_GREY, np.uint8)

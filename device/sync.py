@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ from device.models import DeviceModel, open_device_model
 from device.preflight import NothingToLearn, preflight
 from device.queue import Queue
 from device.resume import clear_inflight, follow, load_inflight, release, sync_lock
-from device.runtime import Runtime, RuntimeConfig
+from device.runtime import Runtime, RuntimeConfig, reuse_or_open
 from device import eval_cache
 from device.smoke import open_tested
 from device.trust import private_dir, trusted_key
@@ -109,8 +108,7 @@ def _eval(model: DeviceModel, opts: SyncOptions, threads: int, device_dir: Path,
     if hit is not None:
         return hit, True
     qas = load_eval_set(opts.eval_path, opts.eval_per_domain)
-    with (nullcontext(runtime) if runtime is not None else
-          Runtime(RuntimeConfig(model.model, model.mmproj, n_threads=threads))) as rt:
+    with reuse_or_open(runtime, RuntimeConfig(model.model, model.mmproj, n_threads=threads)) as rt:
         res = evaluate(rt, qas)
     res.pop("answers", None)
     eval_cache.save(device_dir, key, res, model.version)

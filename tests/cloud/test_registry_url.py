@@ -11,16 +11,7 @@ from fastapi.testclient import TestClient
 
 from cloud.registry import ModelRegistry
 from device.contracts.config import load_settings
-from device.contracts.model_id import model_id
-
-
-def files_for(tmp: Path, seed: int) -> tuple[str, dict[str, Path]]:
-    d = tmp / f"src{seed}"
-    d.mkdir()
-    files = {"model": d / "model.gguf", "mmproj": d / "mmproj.gguf"}
-    files["model"].write_bytes(bytes([seed]) * 50_000 + b"GGUF-model")
-    files["mmproj"].write_bytes(bytes([seed + 1]) * 2_000 + b"GGUF-mmproj")
-    return model_id(files), files
+from fake_models import model_files
 
 
 def in_bucket(bucket: Path) -> list[str]:
@@ -32,7 +23,7 @@ def test_api_and_worker_share_models_through_the_url(tmp_path: Path) -> None:
     url = f"file://{bucket}"
     api = ModelRegistry(tmp_path / "api" / "models", url=url)
     worker = ModelRegistry(tmp_path / "worker" / "models", url=url)
-    mid, files = files_for(tmp_path, 0)
+    mid, files = model_files(tmp_path, 0)
     src = tmp_path / "upload"
     src.write_bytes(files["model"].read_bytes())
     assert api.put_role(mid, "model", src, owner="lap") is False  # half a model: staged, local only
@@ -45,7 +36,7 @@ def test_api_and_worker_share_models_through_the_url(tmp_path: Path) -> None:
     got = worker.get(mid)  # fetched into the worker's cache, checked against the id
     assert got is not None and all(got[r].read_bytes() == files[r].read_bytes() for r in files)
     assert got["model"].parent == worker.root / mid
-    new, new_files = files_for(tmp_path, 7)  # the version a round registers on the worker
+    new, new_files = model_files(tmp_path, 7)  # the version a round registers on the worker
     assert worker.put(new_files) == new
     assert api.has(new) and api.get(new)["model"].read_bytes() == new_files["model"].read_bytes()
     assert set(api.ids()) == {mid, new}
@@ -58,8 +49,8 @@ def test_api_and_worker_share_models_through_the_url(tmp_path: Path) -> None:
 def test_staging_stays_per_device_and_a_mismatch_publishes_nothing(tmp_path: Path) -> None:
     bucket = tmp_path / "bucket"
     api = ModelRegistry(tmp_path / "api", url=f"file://{bucket}")
-    mid, files = files_for(tmp_path, 0)
-    _, other = files_for(tmp_path, 3)
+    mid, files = model_files(tmp_path, 0)
+    _, other = model_files(tmp_path, 3)
     for device, data in (("a", files["model"]), ("b", other["model"])):
         src = tmp_path / f"up-{device}"
         src.write_bytes(data.read_bytes())
@@ -76,7 +67,7 @@ def test_staging_stays_per_device_and_a_mismatch_publishes_nothing(tmp_path: Pat
 
 def test_a_corrupt_published_model_is_refused(tmp_path: Path) -> None:
     bucket = tmp_path / "bucket"
-    mid, files = files_for(tmp_path, 0)
+    mid, files = model_files(tmp_path, 0)
     ModelRegistry(tmp_path / "api", url=f"file://{bucket}").put(files)
     (bucket / "models" / mid / "model.gguf").write_bytes(b"not the bytes")
     worker = ModelRegistry(tmp_path / "worker", url=f"file://{bucket}")
@@ -97,7 +88,7 @@ def test_the_api_publishes_uploads_for_workers_elsewhere(tmp_path: Path) -> None
     try:
         token = app.state.store.add_device("lap")
         h = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
-        mid, files = files_for(tmp_path, 0)
+        mid, files = model_files(tmp_path, 0)
         with TestClient(app) as client:
             for role in ("model", "mmproj"):
                 assert client.put(f"/v1/models/{mid}/{role}", content=files[role].read_bytes(),

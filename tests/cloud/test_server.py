@@ -16,6 +16,7 @@ from cloud.server import create_app
 from cloud.store import Store
 from device.contracts.config import load_settings
 from device.contracts.wire import RoundRequest, TokenStats, UplinkSample
+from fake_models import model_files
 
 PATCH = b"GGUF-test-patch" * 10
 
@@ -344,19 +345,6 @@ def test_round_interrupted_by_a_restart_is_requeued_and_runs(tmp_path: Path) -> 
 
 
 # --- device models: content-addressed, shared, streamed uploads ---------------------------------
-
-def model_files(tmp_path: Path, seed: int = 0) -> tuple[str, dict[str, Path]]:
-    """Two small fake files (the registry hashes bytes; they need not be real GGUF); the model
-    file is bigger than the 64 KiB sample limit so the separate model limit is exercised."""
-    from device.contracts.model_id import model_id
-
-    d = tmp_path / f"model{seed}"
-    d.mkdir()
-    files = {"model": d / "model.gguf", "mmproj": d / "mmproj.gguf"}
-    files["model"].write_bytes(bytes([seed]) * 100_000 + b"GGUF-model")
-    files["mmproj"].write_bytes(bytes([seed + 1]) * 3_000 + b"GGUF-mmproj")
-    return model_id(files), files
-
 
 def put_file(client: TestClient, mid: str, role: str, data: bytes, h: dict[str, str]):
     return client.put(f"/v1/models/{mid}/{role}", content=data,
