@@ -106,7 +106,7 @@ def test_rounds_gain_on_the_drifted_domains_without_forgetting(rounds):
     assert {r: file_sha256(p) for r, p in back.files().items()} == expected
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (open): the product's rounds gain +2.0..2.5 pts on the drifted "
+@pytest.mark.xfail(strict=True, reason="issue 12 (open): the product's rounds gain +3.3..4.0 pts on the drifted "
                                       "domains, not yet the >= 5 the issue asks; strict, so reaching it fails this "
                                       "marker and forces the update")
 def test_issue12_bar_every_round_gains_five_points(rounds):

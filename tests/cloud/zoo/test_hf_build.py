@@ -109,3 +109,27 @@ def test_polish_pass_warm_starts_from_the_cached_shorter_run(tmp_path):
     base = role_dir(cfg, "teacher", tmp_path)
     assert base.is_dir() and d != base  # the shorter run was trained (and cached) on the way
     assert (d / "model.safetensors").read_bytes() != (base / "model.safetensors").read_bytes()
+
+
+def test_more_polish_passes_chain_each_from_the_cached_run_before_it(tmp_path):
+    """A further pass on fresh scenes starts from the role trained without it (reused from the
+    cache, never retrained) and is reproducible; the cache names of earlier entries do not move."""
+    import dataclasses
+
+    from cloud.zoo.hf_build import steps_to_train
+
+    cfg = PRESETS["tiny"]
+    one = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, polish_steps=3))
+    p = {"steps": 4, "lr": 1e-3, "n_train": 200, "data_seed": 31}
+    two = dataclasses.replace(one, teacher=dataclasses.replace(one.teacher, more_polish=(p,)))
+    assert steps_to_train(two, "teacher", tmp_path) == 30 + 3 + 4
+    first = train_role("teacher", one, tmp_path)
+    assert steps_to_train(two, "teacher", tmp_path) == 4  # only the new pass is left to train
+    mtime = (first / "model.safetensors").stat().st_mtime
+    d = train_role("teacher", two, tmp_path)
+    assert d not in (first, role_dir(cfg, "teacher", tmp_path)) and steps_to_train(two, "teacher", tmp_path) == 0
+    assert (first / "model.safetensors").stat().st_mtime == mtime
+    assert (d / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
+    again = train_role("teacher", two, tmp_path / "fresh")  # from an empty cache: the same bytes
+    assert (again / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
+    assert role_dir(one, "teacher", tmp_path) == first  # adding the field did not rename entries
