@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud.dwc_refit import STEPS as REFIT_STEPS
+
 from .pool import JobPool
 from .chats import DEVICE_QUANT, TARGETS
 
@@ -150,10 +152,11 @@ def _train(spec: dict) -> dict:
     merged, stats = distil_twin(twin, teacher, dset, _W["replay"], AKDConfig(**spec["akd"]))
     out = {"akd": stats, "distil_seconds": time.perf_counter() - t, "n_samples": len(dset), "patches": {},
            "labels": list(dset.labels)}
-    fisher = None
+    fisher, ex = None, []
     if any(b is not None for b in spec["budgets"]):
         ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]
         fisher = fisher_diag(merged, twin, ex, DWCConfig().fisher_batches)
+    fit = (ex, spec["akd"].get("seed", 0))  # what DWC's refit trains on: the round's examples (+ replay)
     work = Path(spec["work"])
     if spec.get("delta_blob"):  # transmission's baseline downlink: the fp16 delta of every changed tensor
         from cloud.dwc import weight_updates
@@ -164,10 +167,11 @@ def _train(spec: dict) -> dict:
             for g in sorted(ups):
                 f.write(ups[g][2].astype(np.float16).tobytes())
     for b in spec["budgets"]:
-        out["patches"][_bkey(b)] = _patch_eval(spec["name"], merged, b, fisher if b is not None else None, work)
-    if spec.get("nofisher_budget"):  # DWC ablation: the same budget ranked by relative update norm
-        b = spec["nofisher_budget"]
-        out["patches"][f"{b}-nofisher"] = _patch_eval(spec["name"] + "-nf", merged, b, None, work)
+        out["patches"][_bkey(b)] = _patch_eval(spec["name"], merged, b, fisher if b is not None else None, work, fit)
+    if spec.get("nofisher_budget"):  # DWC ablations: the same budget ranked by relative update norm,
+        b = spec["nofisher_budget"]  # and the same rows refit with the rest frozen (cloud/dwc_refit.py)
+        out["patches"][f"{b}-nofisher"] = _patch_eval(spec["name"] + "-nf", merged, b, None, work, fit)
+        out["patches"][f"{b}-refit"] = _patch_eval(spec["name"] + "-rf", merged, b, fisher, work, fit, REFIT_STEPS)
     if spec.get("full_precision"):  # the merged update in torch: what the patch's "gain kept" is measured against
         qas = _W["qas"]
         ans = [fam.decode(twin, fam.generate(twin, fam.example(twin, q.question, im), model=merged))
@@ -180,13 +184,30 @@ def _bkey(budget: int | None) -> str:
     return "unlimited" if budget is None else str(budget)
 
 
-def _patch_eval(name: str, merged, budget: int | None, fisher, work: Path) -> dict:
-    """DWC patch of ``merged`` under ``budget``, applied to a copy of the device files through the
-    device's own patch path, measured there by llama.cpp."""
-    from cloud.dwc import DWCConfig, apply_to_copy, compress
+def _replay_examples() -> list:
+    if "replay_ex" not in _W:  # built once per worker process
+        fam, twin, rp = _W["fam"], _W["twin"], _W["replay"]
+        _W["replay_ex"] = [fam.example(twin, q, im, a) for im, q, a in zip(rp.images, rp.questions, rp.answers)] \
+            if rp else []
+    return _W["replay_ex"]
 
-    res = compress(merged, _W["twin"], _W["files"], work / f"{name}-{_bkey(budget)}.gguf",
-                   DWCConfig(budget_bytes=budget), f"bench-{name}", "", fisher)
+
+def _patch_eval(name: str, merged, budget: int | None, fisher, work: Path, fit: tuple | None = None,
+                refit_steps: int | None = None) -> dict:
+    """DWC patch of ``merged`` under ``budget`` with the product's DWC settings (``refit_steps``
+    overrides the refit; ``fit`` = (round examples, seed) it trains on, with the replay set), applied
+    to a copy of the device files through the device's own patch path, measured there by llama.cpp."""
+    from cloud.dwc import DWCConfig, apply_to_copy
+    from cloud.dwc_refit import compress_refit
+    from cloud.families import DeviceFiles
+
+    cfg = DWCConfig(budget_bytes=budget)
+    if refit_steps is not None:
+        cfg = DWCConfig(budget_bytes=budget, refit_steps=refit_steps)
+    data, seed = fit or ([], 0)
+    replay = _replay_examples() if cfg.refit_steps and cfg.budget_bytes is not None else []
+    res, _ = compress_refit(merged, _W["twin"], DeviceFiles.open(_W["files"]), work / f"{name}-{_bkey(budget)}.gguf",
+                            cfg, f"bench-{name}", fisher, data, replay, seed)
     pfiles, scratch = apply_to_copy(_W["files"], res.patch_path)
     try:
         return {"bytes": res.patch_bytes, "path": str(res.patch_path) if res.patch_path else None, "rows": res.rows_patched, "importance_kept": res.selected_importance_frac,

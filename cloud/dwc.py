@@ -46,6 +46,12 @@ class DWCConfig:
     block_rows: int = 8
     fisher: bool = True
     fisher_batches: int = 6
+    # cloud/dwc_refit.py: train the rows a budget patch carries, the rest frozen (0 = ship the cut).
+    # Off by default: on the held-out rounds it lifted combo + rotate to +5.8 points but cost the
+    # source 4 points and left noise + texture's interval across 0 (README, issue 12 findings)
+    refit_steps: int = 0
+    refit_lr: float = 1e-3
+    refit_replay_fraction: float = 0.5  # share of each refit batch that is source replay (forgetting)
 
 
 @dataclass
@@ -69,6 +75,7 @@ class DWCResult:
     full_fp16_delta_bytes: int
     blocks_considered: int
     per_tensor: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)  # {"role:gguf_name": [(row_start, row_count)]} shipped
 
 
 def rank_blocks(updates, fisher, types, cfg: DWCConfig, old_weights) -> tuple[list[Block], list[str]]:
@@ -166,7 +173,8 @@ def compress(merged: torch.nn.Module, twin: Twin, files: dict[str, Path] | Devic
     old = {g: a for g, (_, a) in base_state.items() if g in updates}
     blocks, skipped = rank_blocks(updates, fisher, types, cfg, old)
     chosen = select(blocks, cfg.budget_bytes)
-    new_tensors = {k: (updates[k.split(":", 1)[1]][1], v) for k, v in _row_ranges(chosen).items()}
+    ranges = _row_ranges(chosen)
+    new_tensors = {k: (updates[k.split(":", 1)[1]][1], v) for k, v in ranges.items()}
     total_imp = sum(b.importance for b in blocks) or 1.0
     build = make_patch_from_arrays({r: str(p) for r, p in parsed.paths.items()}, new_tensors, out_path,
                                    round_id=round_id, parent_version=parent_version, skip_unsupported=True,
@@ -177,7 +185,7 @@ def compress(merged: torch.nn.Module, twin: Twin, files: dict[str, Path] | Devic
         per_tensor[e.tensor] = per_tensor.get(e.tensor, 0) + e.row_count
     return DWCResult(build.path, build.path.stat().st_size if build.path else 0, len(per_tensor),
                      sum(e.row_count for e in build.entries), build.unchanged_rows, skipped + list(build.skipped),
-                     sum(b.importance for b in chosen) / total_imp, fp16, len(blocks), per_tensor)
+                     sum(b.importance for b in chosen) / total_imp, fp16, len(blocks), per_tensor, ranges)
 
 
 def apply_patch(files: dict[str, Path], patch_path: Path | None, dest: Path) -> tuple[dict[str, Path], Patch | None]:

@@ -25,7 +25,8 @@ from device.contracts.image import decode_image, load_image
 from device.contracts.wire import UplinkSample
 
 from .akd import AKDConfig, DistillSet, ReplaySet
-from .dwc import DWCConfig, apply_patch, compress, fisher_diag, patched_twin
+from .dwc import DWCConfig, apply_patch, fisher_diag, patched_twin
+from .dwc_refit import compress_refit
 from .families import DeviceFiles, FamilyError, Twin, family_of
 from .families.teacher import Teacher, check_compatible
 from .fidelity import fidelity
@@ -160,13 +161,16 @@ def run_round(ctx, registry: ModelRegistry, assets, akd: AKDConfig | None = None
     replay = read_replay(assets.replay_path, size, assets.replay_limit)
     merged, akd_stats = train(twin, files, teacher, dset, replay, cfg, on_step, ctx.cancelled, ctx.work_dir,
                               launch, threads)
-    ctx.progress("compress", 0.78, "ranking and re-quantizing weight updates")
+    ctx.progress("compress", 0.78, "ranking, refitting and re-quantizing weight updates")
     round_ex = [fam.example(twin, q, im, a) for im, q, a in zip(dset.images, dset.questions, dset.labels)]
     dcfg = DWCConfig(budget_bytes=opts.downlink_budget_bytes)
     fisher = fisher_diag(merged, twin, round_ex, dcfg.fisher_batches) if dcfg.fisher else None
     # parent_version would name a device version id, which the cloud does not know; the patch's
     # base tensor hashes bind it to the exact bytes it was built for
-    res = compress(merged, twin, parsed, ctx.patch_path, dcfg, ctx.round_id, "", fisher)
+    rex = [fam.example(twin, q, im, a) for im, q, a in zip(replay.images, replay.questions, replay.answers)] \
+        if replay is not None and dcfg.refit_steps else []
+    res, _shipped = compress_refit(merged, twin, parsed, ctx.patch_path, dcfg, ctx.round_id, fisher, round_ex, rex,
+                                 opts.seed)
     ctx.progress("evaluate", 0.88, "device-measured evaluation before / after, twin fidelity")
     # the new version is written once, where it will be registered; no patch = the base itself
     draft = registry.draft() if res.patch_path is not None else None
