@@ -31,3 +31,21 @@ def db_url(request, tmp_path: Path) -> str | None:
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture(scope="module")
+def files(assets) -> dict[str, Path]:
+    """The embedded default's device pair as shipped (Q4_0 text model + F32 mmproj)."""
+    return {"model": assets / "student-q4_0.gguf", "mmproj": assets / "mmproj-f32.gguf"}
+
+
+@pytest.fixture(scope="module")
+def twin(files):
+    """The HF twin rebuilt from ``files`` (one thread: tests run two at a time)."""
+    import torch
+
+    from cloud.families import family_for
+
+    torch.set_num_threads(1)
+    return family_for(files["model"], files["mmproj"]).load_twin(files["model"], files["mmproj"])
+

@@ -1,7 +1,6 @@
 """DWC on the embedded default's Q4_0 GGUF pair: only changed tensors are updates, the budget
 holds, every patched device row is either its old bytes or exactly ggml's re-quantization of the
 new row, untouched tensors stay byte-identical, and a bigger budget keeps more importance."""
-import copy
 
 import gguf
 import numpy as np
@@ -12,31 +11,11 @@ from cloud import ggml_quant
 from cloud.dwc import DWCConfig, apply_patch, compress, patched_twin, weight_updates
 from cloud.families import family_for
 from device.contracts.patch_format import read_patch
-
-
-@pytest.fixture(scope="module")
-def files(assets):
-    return {"model": assets / "student-q4_0.gguf", "mmproj": assets / "mmproj-f32.gguf"}
-
-
-@pytest.fixture(scope="module")
-def twin(files):
-    torch.set_num_threads(1)
-    return family_for(files["model"], files["mmproj"]).load_twin(files["model"], files["mmproj"])
+from perturbed import perturbed
 
 
 def _layers(model):
     return model.model.text_model.layers
-
-
-def _perturbed(twin, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    merged = copy.deepcopy(twin.model)
-    with torch.no_grad():
-        for layer in _layers(merged):
-            for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
-                lin.weight += scale * torch.randn(lin.weight.shape, generator=g)
-    return merged
 
 
 def _patched(twin, files, patch_path, dest):
@@ -51,14 +30,14 @@ def _dequant(path, name):
 
 
 def test_only_changed_tensors_are_updates(twin):
-    ups = weight_updates(_perturbed(twin), twin)
+    ups = weight_updates(perturbed(twin), twin)
     n = len(_layers(twin.model))
     assert set(ups) == {f"blk.{i}.{t}.weight" for i in range(n) for t in ("attn_q", "ffn_down")}
 
 
 @pytest.mark.parametrize("budget", [4096, 16384, None])
 def test_budget_respected_and_device_rows_equal_requantized_rows(files, twin, tmp_path, budget):
-    merged = _perturbed(twin)
+    merged = perturbed(twin)
     res = compress(merged, twin, files, tmp_path / "p.gguf", DWCConfig(budget_bytes=budget, fisher=False), "r1")
     assert res.patch_path is not None and res.rows_patched > 0
     if budget is not None:
@@ -81,7 +60,7 @@ def test_budget_respected_and_device_rows_equal_requantized_rows(files, twin, tm
 
 
 def test_bigger_budget_keeps_more_importance(files, twin, tmp_path):
-    merged = _perturbed(twin)
+    merged = perturbed(twin)
     small = compress(merged, twin, files, tmp_path / "a.gguf", DWCConfig(budget_bytes=4096, fisher=False), "r")
     big = compress(merged, twin, files, tmp_path / "b.gguf", DWCConfig(budget_bytes=32768, fisher=False), "r")
     assert small.selected_importance_frac < big.selected_importance_frac <= 1.0
@@ -93,7 +72,7 @@ def test_patched_twin_equals_a_fresh_load_of_the_patched_files(files, twin, tmp_
     patched files; it must be the same model, bit for bit: Q/K rows (the RoPE row permutation),
     other LM rows and vision-tower rows (the mmproj) all patched."""
     g = torch.Generator().manual_seed(1)
-    merged = _perturbed(twin)
+    merged = perturbed(twin)
     with torch.no_grad():
         for lin in (merged.model.vision_model.encoder.layers[0].mlp.fc1, _layers(merged)[0].self_attn.k_proj):
             lin.weight += 0.05 * torch.randn(lin.weight.shape, generator=g)

@@ -1,37 +1,15 @@
 """cloud/dwc_refit.py on the embedded default's Q4_0 pair: the masks name exactly the GGUF rows DWC
 chose (through the Llama Q/K row permutation), refitting moves only those rows, and the patch of
 the refit model ships no row outside them."""
-import copy
 
 import numpy as np
-import pytest
 import torch
 
 from cloud.dwc import DWCConfig, compress
 from cloud.dwc_refit import compress_refit, refit, row_masks
-from cloud.families import DeviceFiles, family_for
+from cloud.families import DeviceFiles
 from cloud.zoo import scenes
-
-
-@pytest.fixture(scope="module")
-def files(assets):
-    return {"model": assets / "student-q4_0.gguf", "mmproj": assets / "mmproj-f32.gguf"}
-
-
-@pytest.fixture(scope="module")
-def twin(files):
-    torch.set_num_threads(1)
-    return family_for(files["model"], files["mmproj"]).load_twin(files["model"], files["mmproj"])
-
-
-def _merged(twin, scale=0.05):
-    g = torch.Generator().manual_seed(0)
-    m = copy.deepcopy(twin.model)
-    with torch.no_grad():
-        for layer in m.model.text_model.layers:
-            for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
-                lin.weight += scale * torch.randn(lin.weight.shape, generator=g)
-    return m
+from perturbed import perturbed
 
 
 def _examples(twin, n=8):
@@ -61,7 +39,7 @@ def test_masks_follow_the_gguf_rows_through_the_qk_permutation(twin, files):
 
 
 def test_refit_moves_only_the_chosen_rows_and_the_patch_ships_only_them(twin, files, tmp_path):
-    merged = _merged(twin)
+    merged = perturbed(twin)
     parsed = DeviceFiles.open(files)
     first = compress(merged, twin, parsed, tmp_path / "a.gguf", DWCConfig(budget_bytes=8192), "r", "", None)
     masks = row_masks(twin, first.rows, parsed.types())
@@ -84,9 +62,9 @@ def test_refit_moves_only_the_chosen_rows_and_the_patch_ships_only_them(twin, fi
 def test_compress_refit_ships_the_refit_model_within_the_budget(twin, files, tmp_path):
     parsed = DeviceFiles.open(files)
     cfg = DWCConfig(budget_bytes=8192, refit_steps=2)
-    res, model = compress_refit(_merged(twin), twin, parsed, tmp_path / "p.gguf", cfg, "r", None, _examples(twin),
+    res, model = compress_refit(perturbed(twin), twin, parsed, tmp_path / "p.gguf", cfg, "r", None, _examples(twin),
                                 [], seed=0)
     assert 0 < res.patch_bytes <= 8192 and model is not None
-    off, same = compress_refit(_merged(twin), twin, parsed, tmp_path / "q.gguf", DWCConfig(budget_bytes=8192, refit_steps=0),
+    off, same = compress_refit(perturbed(twin), twin, parsed, tmp_path / "q.gguf", DWCConfig(budget_bytes=8192, refit_steps=0),
                                "r", None, _examples(twin), [])
     assert off.rows == res.rows  # refit keeps DWC's choice of rows
