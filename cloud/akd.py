@@ -12,6 +12,10 @@ tower.  Loss terms, each switchable for ablation:
 * ``feat`` MSE between the student's and the teacher's mean answer hidden states through a
            learned linear alignment (never shipped); works across tokenizers.
 
+All three are on by default; the cloud's settings switch ``kd`` and ``feat`` off (``akd_kd``,
+``akd_feature``), which saves a teacher forward pass per step.  On the embedded default CE alone
+matched them on noise + texture but lost the combo + rotate round (README findings).
+
 Source replay (ground-truth CE on the cloud's replay set) keeps the round from forgetting.
 Every input goes through the family (libmtmd's layout), so the twin trains on what the device sees.
 
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 
+from device.contracts.config import Settings
 from device.contracts.wire import RoundOptions
 
 from .families import PARTS, Example, Twin, collate
@@ -37,6 +42,7 @@ from .families.teacher import Teacher
 
 
 _ROUND = RoundOptions.model_fields  # the round's defaults are declared once, in the wire contract
+_SET = Settings.model_fields  # ... and the cloud's loss switches once, in the settings
 
 
 @dataclass
@@ -50,8 +56,8 @@ class AKDConfig:
     projector_adapter: bool = True
     vision_adapter: bool = True  # low-level shifts (noise, texture) need the encoder to adapt too
     ce: bool = True
-    kd: bool = True
-    feat: bool = True
+    kd: bool = _SET["akd_kd"].default
+    feat: bool = _SET["akd_feature"].default
     kd_weight: float = 1.0
     feat_weight: float = 0.1
     temperature: float = 2.0
@@ -224,6 +230,6 @@ def distil_twin(twin: Twin, teacher: Teacher, dset: DistillSet, replay: ReplaySe
     model.eval()
     merged = _merged(acc, model, twin, cfg)
     stats = {k: float(np.mean(v[-20:])) for k, v in hist.items() if v}
-    stats.update(kd_active=kd_on, kd_mode="logit" if kd_on else "sequence", steps=cfg.steps,
+    stats.update(kd_active=kd_on, kd_mode="logit" if kd_on else ("sequence" if cfg.kd else "off"), steps=cfg.steps,
                  trainable_params=sum(p.numel() for p in params), lora_targets=len(fam.lora_targets(twin.model, cfg.parts)))
     return merged, stats

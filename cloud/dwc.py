@@ -38,6 +38,7 @@ from .families import DeviceFiles, Twin, collate
 from .patch_build import make_patch_from_arrays
 
 ENTRY_OVERHEAD = 160  # JSON entry + tensor info bytes per patched range (measured, approximate)
+FIT_TRIES = 8  # selections tried before a patch that overshoots its budget is an error
 
 
 @dataclass
@@ -172,18 +173,26 @@ def compress(merged: torch.nn.Module, twin: Twin, files: dict[str, Path] | Devic
     types = parsed.types()
     old = {g: a for g, (_, a) in base_state.items() if g in updates}
     blocks, skipped = rank_blocks(updates, fisher, types, cfg, old)
-    chosen = select(blocks, cfg.budget_bytes)
-    ranges = _row_ranges(chosen)
-    new_tensors = {k: (updates[k.split(":", 1)[1]][1], v) for k, v in ranges.items()}
     total_imp = sum(b.importance for b in blocks) or 1.0
-    build = make_patch_from_arrays({r: str(p) for r, p in parsed.paths.items()}, new_tensors, out_path,
-                                   round_id=round_id, parent_version=parent_version, skip_unsupported=True,
-                                   quantizer=ggml_quant.quantize, readers=parsed.readers)
+    room = cfg.budget_bytes
+    for _ in range(FIT_TRIES):  # the block costs are estimates: the patch file itself must fit the budget
+        chosen = select(blocks, room)
+        ranges = _row_ranges(chosen)
+        new_tensors = {k: (updates[k.split(":", 1)[1]][1], v) for k, v in ranges.items()}
+        build = make_patch_from_arrays({r: str(p) for r, p in parsed.paths.items()}, new_tensors, out_path,
+                                       round_id=round_id, parent_version=parent_version, skip_unsupported=True,
+                                       quantizer=ggml_quant.quantize, readers=parsed.readers)
+        size = build.path.stat().st_size if build.path else 0
+        if cfg.budget_bytes is None or size <= cfg.budget_bytes:
+            break
+        room -= size - cfg.budget_bytes + ENTRY_OVERHEAD  # over by this much: select again with less room
+    else:
+        raise RuntimeError(f"DWC: no patch under {cfg.budget_bytes} bytes after {FIT_TRIES} tries (last {size})")
     fp16 = sum(int(np.prod(u[2].shape)) * 2 for u in updates.values())
     per_tensor: dict[str, int] = {}
     for e in build.entries:
         per_tensor[e.tensor] = per_tensor.get(e.tensor, 0) + e.row_count
-    return DWCResult(build.path, build.path.stat().st_size if build.path else 0, len(per_tensor),
+    return DWCResult(build.path, size, len(per_tensor),
                      sum(e.row_count for e in build.entries), build.unchanged_rows, skipped + list(build.skipped),
                      sum(b.importance for b in chosen) / total_imp, fp16, len(blocks), per_tensor, ranges)
 

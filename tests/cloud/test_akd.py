@@ -29,7 +29,7 @@ def _dset(teacher, n=16):
 def test_adapters_leave_base_frozen_and_touch_only_targets(pair):
     twin, teacher = pair
     before = {k: v.clone() for k, v in twin.model.state_dict().items()}
-    merged, stats = distil_twin(twin, teacher, _dset(teacher), None, AKDConfig(steps=3, batch_size=8))
+    merged, stats = distil_twin(twin, teacher, _dset(teacher), None, AKDConfig(steps=3, batch_size=8, kd=True, feat=True))
     for k, v in twin.model.state_dict().items():
         assert torch.equal(v, before[k]), f"twin changed: {k}"
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])}
@@ -68,3 +68,15 @@ def test_language_adapters_switch_off(pair):
     base = twin.model.state_dict()
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])}
     assert changed and not any(k.startswith("model.text_model.") for k in changed), changed
+
+
+def test_settings_switch_the_extra_terms_off(pair):
+    """With the cloud settings' akd_kd / akd_feature off, only CE (and replay) trains, the teacher is
+    not run per step, and the stats say so; the defaults follow the settings' defaults."""
+    from device.contracts.config import Settings
+
+    twin, teacher = pair
+    assert AKDConfig().kd == Settings.model_fields["akd_kd"].default
+    assert AKDConfig().feat == Settings.model_fields["akd_feature"].default
+    _, stats = distil_twin(twin, teacher, _dset(teacher), None, AKDConfig(steps=2, batch_size=8, kd=False, feat=False))
+    assert stats["kd_mode"] == "off" and "kd" not in stats and "feat" not in stats and np.isfinite(stats["ce"])

@@ -25,7 +25,7 @@ def twin(llama_gguf):
 def test_patch_lands_in_the_right_rows(twin, llama_gguf, tmp_path):
     teacher = Teacher(llama_gguf["hf"], max_new_tokens=3)  # the student's own checkpoint: same vocabulary
     dset = DistillSet([None] * 4, QS, ["red", "two", "yes", "circle"], [[0]] * 4)
-    merged, stats = distil_twin(twin, teacher, dset, None, AKDConfig(steps=20, batch_size=4, lr=5e-3))
+    merged, stats = distil_twin(twin, teacher, dset, None, AKDConfig(steps=20, batch_size=4, lr=5e-3, kd=True))
     assert stats["kd_mode"] == "logit" and stats["lora_targets"] == 14  # 7 projections x 2 layers
     fam = twin.family
     exs = [fam.example(twin, q, None, a) for q, a in zip(dset.questions, dset.labels)]
@@ -65,5 +65,5 @@ def test_other_tokenizer_means_sequence_kd(twin, tmp_path):
     teacher = Teacher(tmp_path, max_new_tokens=3)
     assert not teacher.same_tokenizer(twin)
     dset = DistillSet([None] * 4, QS, teacher.answer([None] * 4, QS), [[]] * 4)
-    _, stats = distil_twin(twin, teacher, dset, None, AKDConfig(steps=3, batch_size=4))
+    _, stats = distil_twin(twin, teacher, dset, None, AKDConfig(steps=3, batch_size=4, kd=True, feat=True))
     assert stats["kd_mode"] == "sequence" and "kd" not in stats and "feat" in stats

@@ -44,6 +44,7 @@ def _images(tmp_path, n, seed):
 def test_loopback_sync_round_changes_device_answers_as_the_twin_predicted(tmp_path, monkeypatch, idefics3_pair):
     torch.set_num_threads(1)
     monkeypatch.setenv("CDCCA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CDCCA_AKD_FEATURE", "0")  # the cloud's settings reach the round's AKD
     settings = load_settings()
     model, mmproj = idefics3_pair["q8_0"]
     store_for(settings, "q8_0").install_base(model, mmproj)
@@ -69,6 +70,7 @@ def test_loopback_sync_round_changes_device_answers_as_the_twin_predicted(tmp_pa
     assert rep.version_after == "v1" and rep.downlink_bytes > 0
     m = rep.cloud.model_extra
     assert rep.cloud.akd["kd_mode"] == "logit"  # the teacher tokenizes like the device
+    assert "kd" in rep.cloud.akd and "feat" not in rep.cloud.akd  # akd_feature off, akd_kd on
     assert m["fidelity"]["patched"]["greedy_agreement"] >= AGREEMENT
 
     # on the device's own new files: llama.cpp's answers vs the twin the cloud rebuilds from them
