@@ -234,11 +234,11 @@ def make_runner(settings, model_dir=None, teacher: Path | None = None, replay: P
             if p is not None:
                 read_llava(p)  # a malformed file fails here, in one line, not in the first round
         assets = HFAssets(Path(teacher), Path(replay) if replay else None, Path(eval_set) if eval_set else None)
-        return lambda ctx: run_round(ctx, registry, assets, akd, launch=launch)
+        return lambda ctx: run_round(ctx, registry, assets, akd=akd, launch=launch)
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
     if not is_build_folder(model_dir):
         raise FamilyError(f"{model_dir}: not a cdcca build folder (no teacher/config.json + manifest.json); "
                           "pass --teacher DIR or run `cdcca models build`")
     assets = HFAssets.embedded(model_dir)
-    return lambda ctx: run_round(ctx, registry, assets, akd, launch=launch)
+    return lambda ctx: run_round(ctx, registry, assets, akd=akd, launch=launch)
 

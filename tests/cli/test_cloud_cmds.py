@@ -74,13 +74,14 @@ def test_worker_runner_uses_the_servers_model_registry(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(round_job.HFAssets, "embedded",
                         classmethod(lambda cls, model_dir: captured.setdefault("model_dir", model_dir)))
-    monkeypatch.setattr(round_job, "run_round", lambda ctx, registry, assets, launch:
-                        captured.update(registry=registry, launch=launch) or {})
+    monkeypatch.setattr(round_job, "run_round", lambda ctx, registry, assets, akd, launch:
+                        captured.update(registry=registry, akd=akd, launch=launch) or {})
     result = runner.invoke(app, ["cloud", "worker", "--model-dir", str(DEFAULT_MODEL_DIR)])
     assert result.exit_code == 0, result.output
     assert captured["model_dir"] == DEFAULT_MODEL_DIR
     captured["runner"](object())
     assert captured["launch"].in_process  # the default: train in the worker's own process
+    assert captured["akd"].kd and captured["akd"].feat  # the settings' AKD terms reach the runner
     api = server.create_app(captured["settings"])
     try:
         assert captured["registry"].root == api.state.registry.root

@@ -58,7 +58,7 @@ def test_worker_flags_become_the_runners_launch(monkeypatch: pytest.MonkeyPatch,
 
     captured: dict = {}
     monkeypatch.setattr(worker, "run_worker", lambda settings, runner, stop: captured.update(runner=runner))
-    monkeypatch.setattr(round_job, "run_round", lambda ctx, registry, assets, launch: captured.update(launch=launch))
+    monkeypatch.setattr(round_job, "run_round", lambda ctx, registry, assets, akd, launch: captured.update(launch=launch))
     cfg = tmp_path / "acc.yaml"
     cfg.write_text("distributed_type: FSDP\n")
     res = CliRunner().invoke(app, ["cloud", "worker", "--train-processes", "2", "--fsdp",
