@@ -153,7 +153,8 @@ def fleet_device(url: str, token: str, qdir: str, device: str, n: int, batch: in
     optionally request one round and wait for it."""
     from device.contracts.wire import RoundOptions, RoundRequest
     from device.queue import Queue
-    from device.uplink import CloudError, sync_queue
+    from device.queue_sync import sync_queue
+    from device.uplink import CloudError
 
     q = Queue(Path(qdir) / "queue.sqlite")
     for i in range(n):

@@ -5,21 +5,18 @@ schema in ``cloud/schema.py`` and its history in Alembic migrations (``cloud/mig
 Payloads live in a :class:`~cloud.blobs.BlobStore`, content-addressed, because they are
 write-once and a database is a poor place for megabytes of base64.
 
-Tokens are stored only as SHA-256 hashes: a leaked database does not leak credentials.  The
-round queue that workers claim from lives here too (``claim_round`` ...), so that API and
-workers agree through the database alone.
+Devices and their hashed tokens (``cloud/device_tokens.py``) and the round queue that workers
+claim from (``cloud/round_queue.py``) are mixins of the store, so that API and workers agree
+through the database alone.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
-import re
 import secrets
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +33,9 @@ from device.contracts.wire import (
 )
 
 from .blobs import BlobStore, private_dir, write_atomic  # noqa: F401  (write_atomic re-exported)
+from .device_tokens import DEVICE_NAME_PATTERN, DeviceRow, DeviceTokens, aware, hash_token  # noqa: F401
 from .round_queue import RoundQueue
 from .schema import ACTIVE_STATES, devices, metadata, rounds, samples, utcnow  # noqa: F401
-
-DEVICE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ActiveRound(Exception):
@@ -48,24 +44,6 @@ class ActiveRound(Exception):
     def __init__(self, round_id: str) -> None:
         super().__init__(round_id)
         self.round_id = round_id
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite drops tzinfo on the way back; every timestamp we write is UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class DeviceRow:
-    name: str
-    created_at: datetime
-    revoked: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,7 +83,7 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-class Store(RoundQueue):
+class Store(DeviceTokens, RoundQueue):
     """All persistent state of the cloud server, behind plain methods (no ORM sessions leak out)."""
 
     def __init__(self, settings: Settings) -> None:
@@ -119,62 +97,6 @@ class Store(RoundQueue):
     def close(self) -> None:
         self.engine.dispose()
 
-    # --- devices and tokens -------------------------------------------------------------------
-    def add_device(self, name: str) -> str:
-        """Register a device and return its bearer token; the token is shown once, never stored."""
-        if not DEVICE_NAME_PATTERN.match(name):
-            raise ValueError(f"invalid device name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
-        token = secrets.token_urlsafe(32)
-        row = {"name": name, "token_sha256": hash_token(token), "created_at": utcnow()}
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(devices).values(**row))
-        except IntegrityError:
-            raise ValueError(f"device {name!r} already exists") from None
-        return token
-
-    def rotate_token(self, name: str) -> str:
-        """A new token for ``name``; the old one (or a revoked state) stops working at once."""
-        token = secrets.token_urlsafe(32)
-        self._set_token(name, hash_token(token))
-        return token
-
-    def revoke(self, name: str) -> None:
-        """The device's token stops working; its samples and rounds stay (rotate to re-admit)."""
-        self._set_token(name, None)
-
-    def _set_token(self, name: str, digest: str | None) -> None:
-        with self.engine.begin() as conn:
-            done = conn.execute(update(devices).where(devices.c.name == name)
-                                .values(token_sha256=digest)).rowcount
-        if done != 1:
-            raise ValueError(f"no device {name!r}; see `cdcca cloud devices`")
-
-    def device_for_token(self, token: str) -> str | None:
-        """The device owning ``token``.  The lookup is by hash, so its timing reveals nothing
-        useful; the final equality is still checked in constant time."""
-        if not token:
-            return None
-        digest = hash_token(token)
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(devices.c.name, devices.c.token_sha256).where(devices.c.token_sha256 == digest)
-            ).first()
-        if row is None or not hmac.compare_digest(row.token_sha256, digest):
-            return None
-        return row.name
-
-    def get_device(self, name: str) -> DeviceRow | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(devices).where(devices.c.name == name)).first()
-        return None if row is None else _device_row(row)
-
-    def list_devices(self) -> list[DeviceRow]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(devices).order_by(devices.c.name)).all()
-        return [_device_row(r) for r in rows]
-
-    # --- samples ------------------------------------------------------------------------------
     def add_samples(self, device: str, batch: Sequence[UplinkSample]) -> tuple[list[str], list[str]]:
         """Store new samples; returns (accepted, duplicates).  Idempotent on ``sample_id``:
         a re-sent sample is acknowledged as a duplicate and neither its row nor blob is rewritten."""
@@ -244,7 +166,7 @@ class Store(RoundQueue):
             query = query.where(samples.c.id > func.coalesce(anchor, -1))
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
-        return [SampleInfo(sample_id=r.sample_id, bytes=r.bytes, created_at=_aware(r.created_at),
+        return [SampleInfo(sample_id=r.sample_id, bytes=r.bytes, created_at=aware(r.created_at),
                            round_id=r.round_id, skipped=r.skipped) for r in rows]
 
     def delete_sample(self, device: str, sample_id: str) -> bool:
@@ -420,16 +342,12 @@ class Store(RoundQueue):
                 rounds.c.state.in_(list(states)))).scalars())
 
 
-def _device_row(row) -> DeviceRow:
-    return DeviceRow(row.name, _aware(row.created_at), revoked=row.token_sha256 is None)
-
-
 def _round_status(row) -> RoundStatus:
     return RoundStatus(
         round_id=row.id, state=row.state, stage=row.stage, progress=row.progress,
         message=row.message, base_model=row.base_model, n_samples=row.n_samples,
-        created_at=_aware(row.created_at), started_at=_aware(row.started_at),
-        finished_at=_aware(row.finished_at), metrics=row.metrics or {},
+        created_at=aware(row.created_at), started_at=aware(row.started_at),
+        finished_at=aware(row.finished_at), metrics=row.metrics or {},
         patch_bytes=row.patch_bytes, patch_sha256=row.patch_sha256)
 
 

@@ -12,7 +12,7 @@ import ctypes
 import logging
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,14 +20,12 @@ from typing import Callable
 import numpy as np
 
 from device.chat_prompt import ChatPrompt, PromptConfig, Rendered
+from device.llama_setup import (  # noqa: F401  (ModelError is part of this module's API)
+    GGML_TYPES, ModelError, check_file, no_weight_repacking, silence_llama_logs, vision_geometry,
+)
 from device.uncertainty import TokenUncertainty
 
 LogitsHook = Callable[[np.ndarray], None]
-_GGML_TYPES = {"f32": 0, "f16": 1}
-
-
-class ModelError(RuntimeError):
-    """A model could not be loaded or run; the message is one line naming the file."""
 
 
 @dataclass
@@ -68,61 +66,6 @@ class Generation:
         return len(self.token_ids) / self.decode_s if self.decode_s > 0 else float("inf")
 
 
-def _silence_llama_logs() -> None:
-    import llama_cpp
-    from llama_cpp import mtmd_cpp
-
-    @llama_cpp.llama_log_callback
-    def _quiet(level, text, user_data):  # noqa: ARG001
-        return None
-
-    global _LOG_CB  # keep a reference so ctypes does not free the callback
-    _LOG_CB = _quiet
-    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
-    try:
-        mtmd_cpp.mtmd_helper_log_set(_quiet, ctypes.c_void_p(0))
-    except Exception:  # pragma: no cover - older builds
-        pass
-
-
-@contextmanager
-def _no_weight_repacking(repack: bool):
-    """Llama() offers no switch for ``use_extra_bufts``: wrap the default-params factory it calls."""
-    import llama_cpp.llama_cpp as lc
-
-    if repack:
-        yield
-        return
-    orig = lc.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    lc.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        lc.llama_model_default_params = orig
-
-
-def _vision_geometry(mmproj: Path) -> tuple[int, int]:
-    """(image_size, patch_size) of an mmproj: the size images are resized to before libmtmd."""
-    from device.contracts.gguf_index import read_index
-
-    kv = read_index(mmproj).scalars
-    return int(kv["clip.vision.image_size"]), int(kv["clip.vision.patch_size"])
-
-
-def _check_file(path: Path, what: str) -> None:
-    if not path.is_file():
-        raise ModelError(f"{path}: no such {what} file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelError(f"{path}: not a GGUF file (bad magic)")
-
-
 class Runtime:
     """A loaded device model. Not thread-safe: one generation at a time."""
 
@@ -138,16 +81,16 @@ class Runtime:
         import llama_cpp
         from llama_cpp import mtmd_cpp
 
-        _silence_llama_logs()
+        silence_llama_logs()
         c = self.cfg
-        _check_file(Path(c.model_path), "model")
+        check_file(Path(c.model_path), "model")
         if c.mmproj_path is not None:
-            _check_file(Path(c.mmproj_path), "mmproj")
+            check_file(Path(c.mmproj_path), "mmproj")
         try:
-            with _no_weight_repacking(c.repack):
+            with no_weight_repacking(c.repack):
                 self._llama = llama_cpp.Llama(model_path=str(c.model_path), n_ctx=c.n_ctx, n_batch=c.n_batch,
                                               n_threads=c.n_threads, n_threads_batch=c.n_threads, seed=c.seed,
-                                              type_k=_GGML_TYPES[c.kv_cache], type_v=_GGML_TYPES[c.kv_cache],
+                                              type_k=GGML_TYPES[c.kv_cache], type_v=GGML_TYPES[c.kv_cache],
                                               verbose=False)
         except Exception as e:
             raise ModelError(f"{c.model_path}: llama.cpp could not load the model ({str(e).splitlines()[0]})") from None
@@ -167,7 +110,7 @@ class Runtime:
                 raise ModelError(f"{c.mmproj_path}: libmtmd could not load this mmproj for {Path(c.model_path).name} "
                                  "(wrong file, or its projection size does not match the text model)")
             self._mtmd = ctx
-            self.image_size, self.patch_size = _vision_geometry(Path(c.mmproj_path))
+            self.image_size, self.patch_size = vision_geometry(Path(c.mmproj_path))
         self.chat = self._chat_prompt()
         self._loaded_stamp = self._stamp()
 

@@ -40,13 +40,12 @@ from device.contracts.wire import (
     UploadResponse, UplinkSample,
 )
 from device.patch import fsync_dir as _fsync_dir
+from device.transfer import MAX_PATCH_BYTES, FileBody, plain_http_warning, stream_to_temp
 
 _JSON_OVERHEAD = 64  # bytes of '{"samples":[...]}' framing, generously
-_FILE_CHUNK = 1 << 20  # bytes read per chunk of a streamed model-file upload
 # The cloud hashes both model files (gigabytes) before it answers the upload that completes them.
 _MODEL_READ_TIMEOUT = 600.0
 RETRY_BUDGET_S = 90.0  # > the 30 s cloud restart the device must ride out, with room to spare
-MAX_PATCH_BYTES = 64 << 20  # a patch larger than this is refused whatever the cloud announces
 _ROUND_ID, _MODEL_ID, _SHA256 = (re.compile(p) for p in (ROUND_ID_PATTERN, MODEL_ID_PATTERN,
                                                          SHA256_PATTERN))
 _SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
@@ -277,7 +276,7 @@ class CloudClient:
                 headers = {"Content-Type": "application/octet-stream",
                            "Content-Length": str(sizes[role])}
                 data = self._json("PUT", f"/v1/models/{model_id}/{role}", timeout=timeout,
-                                  content=_FileBody(paths[role], bar), headers=headers)
+                                  content=FileBody(paths[role], bar), headers=headers)
                 result = _validate(ModelUploadResult, data, "PUT /v1/models/{id}/{role}")
                 if result.complete:  # the cloud may have it already (another device sent it)
                     break
@@ -369,7 +368,7 @@ class CloudClient:
                 raise CloudError(f"patch of round {round_id} is {int(declared)} bytes, over the "
                                  f"{max_bytes}-byte limit: refusing it")
             signature = response.headers.get(SIGNATURE_HEADER.lower())
-            tmp, digest, size = self._stream_to_temp(response, dest, max_bytes)
+            tmp, digest, size = stream_to_temp(response, dest, max_bytes)
         try:
             if digest != expected:
                 raise CloudError(f"patch of round {round_id} is corrupt: sha256 {digest[:12]}... "
@@ -379,71 +378,3 @@ class CloudClient:
             tmp.unlink(missing_ok=True)
         _fsync_dir(dest.parent)
         return DownloadedPatch(dest, digest, size, signature)
-
-    @staticmethod
-    def _stream_to_temp(response: httpx.Response, dest: Path,
-                        max_bytes: int = MAX_PATCH_BYTES) -> tuple[Path, str, int]:
-        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        tmp = Path(name)
-        h = hashlib.sha256()
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in response.iter_bytes(1 << 16):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise CloudError(f"patch download of {dest.name} passed the {max_bytes}-byte "
-                                         "limit: refusing it")
-                    f.write(chunk)
-                    h.update(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc, httpx.HTTPError):
-                raise CloudError(f"patch download of {dest.name} broke off: {exc!r}") from exc
-            raise
-        return tmp, h.hexdigest(), size
-
-
-class _FileBody:
-    """A re-iterable request body over one file: every iteration reads the file from its start,
-    so a retried request sends all of it again (a generator would be spent after one try), and
-    the progress bar is wound back by what the failed try had counted."""
-
-    def __init__(self, path: Path, bar: tqdm) -> None:
-        self.path = path
-        self.bar = bar
-        self.counted = 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        if self.counted:
-            self.bar.update(-self.counted)
-            self.counted = 0
-        with open(self.path, "rb") as f:
-            while chunk := f.read(_FILE_CHUNK):
-                self.counted += len(chunk)
-                self.bar.update(len(chunk))
-                yield chunk
-
-
-_LOOPBACK = ("localhost", "::1", "[::1]")
-
-
-def plain_http_warning(url: str) -> str | None:
-    """See ``CloudClient.transport_warning``; the one definition of "insecure cloud URL"."""
-    u = httpx.URL(url)
-    host = (u.host or "").lower()
-    if u.scheme != "http" or host in _LOOPBACK or host.startswith("127."):
-        return None
-    return (f"warning: {url} is plain HTTP: the device token, images and prompts cross the network "
-            "unencrypted; use https:// (patches stay signature-checked either way)")
-
-
-def __getattr__(name: str) -> Any:
-    """``sync_queue`` and its protocols moved to ``device.queue_sync``; old imports still work."""
-    if name in ("sync_queue", "QueueRow", "UplinkQueue"):
-        import device.queue_sync as qs
-
-        return getattr(qs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -179,7 +179,7 @@ class DeviceBackend:
 
     def upload(self) -> Any:
         from device.queue import Queue
-        from device.uplink import sync_queue
+        from device.queue_sync import sync_queue
 
         self._need_token()
         with self._client() as c, Queue(self.queue_path) as q:

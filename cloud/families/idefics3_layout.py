@@ -198,9 +198,9 @@ class LlamaVocab:
     def __init__(self, model_gguf: str):
         import llama_cpp
 
-        from device.runtime import _silence_llama_logs
+        from device.llama_setup import silence_llama_logs
 
-        _silence_llama_logs()  # llama.cpp's load log, on every twin load, says nothing a round needs
+        silence_llama_logs()  # llama.cpp's load log, on every twin load, says nothing a round needs
         self._llm = llama_cpp.Llama(str(model_gguf), vocab_only=True, verbose=False)
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))

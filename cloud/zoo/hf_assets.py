@@ -33,9 +33,9 @@ def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
 
     import llama_cpp
 
-    from device.runtime import _silence_llama_logs
+    from device.llama_setup import silence_llama_logs
 
-    _silence_llama_logs()
+    silence_llama_logs()
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = getattr(llama_cpp, _FTYPES[qtype])
     p.nthread = 1

@@ -57,9 +57,9 @@ def test_refusals_are_one_line_and_name_the_type():
 def _quantize_file(src: Path, dst: Path, ftype: int) -> Path:
     import llama_cpp
 
-    from device.runtime import _silence_llama_logs
+    from device.llama_setup import silence_llama_logs
 
-    _silence_llama_logs()
+    silence_llama_logs()
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = ftype
     p.nthread = 1
