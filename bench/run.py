@@ -52,7 +52,7 @@ def run_bench(profile: str = "quick", out: Path = Path("results"), seeds: int | 
     ctx = Context(prof, out, work, model_dir)
     try:
         t, uplink = time.time(), {}
-        jobs = [dict(kind="base", name="base"), seam.full_ft_job(prof, work), seam_continual.job(prof, work)]
+        jobs = [dict(kind="base", name="base"), *seam.full_ft_jobs(prof, work), seam_continual.job(prof, work)]
         dm = device_model(model_dir)
         n = prof.chats_per_domain * len(DOMAINS)
         for s in ss:

@@ -217,14 +217,16 @@ def _patch_eval(name: str, merged, budget: int | None, fisher, work: Path, fit: 
 
 
 def _full_ft(spec: dict) -> dict:
-    """The capacity ceiling: every weight of the student fine-tuned (CE) on ground truth of fresh
-    scenes of all domains, shipped in full (every changed row, q4_0), measured on the device."""
+    """A ceiling (seam.full_ft_jobs): every weight of the student fine-tuned (CE, cosine schedule)
+    on ground truth of fresh scenes of all domains, shipped in full (every changed row, q4_0),
+    measured on the device."""
     import copy
 
     import torch
 
     from cloud.families import collate
     from cloud.zoo import scenes
+    from cloud.zoo.hf_train import TrainConfig, lr_at
     from device.contracts.image import decode_image
 
     from .chats import DOMAINS, png_bytes
@@ -236,8 +238,11 @@ def _full_ft(spec: dict) -> dict:
     rng = np.random.default_rng(spec["seed"])
     model = copy.deepcopy(twin.model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+    sched = TrainConfig(steps=spec["steps"], lr=spec["lr"], warmup=max(1, min(50, spec["steps"] // 10)))
     t = time.perf_counter()
-    for _ in range(spec["steps"]):
+    for step in range(spec["steps"]):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, sched)
         b = collate([ex[i] for i in rng.integers(0, len(ex), spec["batch_size"])], twin.meta.get("pad_id", 0))
         loss = model(**b).loss
         opt.zero_grad(set_to_none=True)
@@ -246,7 +251,7 @@ def _full_ft(spec: dict) -> dict:
         opt.step()
     model.eval()
     return {"train_seconds": time.perf_counter() - t, "final_loss": float(loss.item()), "n_train": len(ex),
-            "patches": {"unlimited": _patch_eval(spec["name"], model, None, None, Path(spec["work"]))}}
+            "steps": spec["steps"], "patches": {"unlimited": _patch_eval(spec["name"], model, None, None, Path(spec["work"]))}}
 
 
 def run_job(spec: dict) -> dict:
