@@ -11,11 +11,9 @@ patch is capped in size and written under a name the caller chose.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
