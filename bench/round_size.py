@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from device.contracts.config import DEFAULT_MODEL_DIR
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sizes", nargs="+", type=int, help="chats per round")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=PROFILES["quick"].steps, help="AKD steps per round")
     a = ap.parse_args(argv)
-    prof, work = PROFILES["quick"], Path(tempfile.mkdtemp(prefix="cdcca-round-size-"))
+    prof, work = replace(PROFILES["quick"], steps=a.steps), Path(tempfile.mkdtemp(prefix="cdcca-round-size-"))
     jobs, kept = [dict(kind="base", name="base")], {}
     for n in a.sizes:
         job, kept[n] = cdcca_job(prof, a.seed, n, work)
