@@ -29,13 +29,15 @@ def cdcca_job(prof, seed: int, n: int, work: Path) -> tuple[dict, int]:
     return dict(job, name=f"n{n}", budgets=[None, DEFAULT_BUDGET], full_precision=False), len(st.kept_samples)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sizes", nargs="+", type=int, help="chats per round")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=PROFILES["quick"].steps, help="AKD steps per round")
+    ap.add_argument("--steps", type=int, help="AKD steps per round (default: the profile's)")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="eval size, batch, replay")
     a = ap.parse_args(argv)
-    prof, work = replace(PROFILES["quick"], steps=a.steps), Path(tempfile.mkdtemp(prefix="cdcca-round-size-"))
+    prof = PROFILES[a.profile]
+    prof, work = replace(prof, steps=a.steps or prof.steps), Path(tempfile.mkdtemp(prefix="cdcca-round-size-"))
     jobs, kept = [dict(kind="base", name="base")], {}
     for n in a.sizes:
         job, kept[n] = cdcca_job(prof, a.seed, n, work)
@@ -48,12 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"seed {a.seed}, drifted {'+'.join(pair)}, {prof.steps} AKD steps; as shipped: drifted "
           f"{acc(src, pair):.3f}, source {acc(src, ('source',)):.3f}")
     print("| chats | UTS kept | patch | KiB | drifted | gain pts | source |\n|---|---|---|---|---|---|---|")
+    rows = []
     for n in a.sizes:
         for b in ("unlimited", str(DEFAULT_BUDGET)):
             p = res[f"n{n}"]["patches"][b]
-            d = acc(p["correct"], pair)
-            print(f"| {n} | {kept[n]} | {'every row' if b == 'unlimited' else 'DWC budget'} | {p['bytes'] / 1024:.0f} | "
-                  f"{d:.3f} | {100 * (d - acc(src, pair)):+.1f} | {acc(p['correct'], ('source',)):.3f} |")
+            rows.append(dict(chats=n, kept=kept[n], patch="every row" if b == "unlimited" else "DWC budget",
+                             bytes=p["bytes"], drifted=acc(p["correct"], pair), gain=acc(p["correct"], pair) - acc(src, pair),
+                             source=acc(p["correct"], ("source",))))
+            r = rows[-1]
+            print(f"| {n} | {r['kept']} | {r['patch']} | {r['bytes'] / 1024:.0f} | {r['drifted']:.3f} | "
+                  f"{100 * r['gain']:+.1f} | {r['source']:.3f} |")
+    return rows
 
 
 if __name__ == "__main__":
