@@ -21,9 +21,8 @@ from .profiles import PROFILES
 from .seam_jobs import Runner, device_model, drifted_pair, stream_samples
 
 
-def cdcca_job(prof, seed: int, n: int, work: Path) -> tuple[dict, int]:
-    st = run_chats(stream_samples("drift", seed, n), home=work / f"chat-{n}", model=device_model(DEFAULT_MODEL_DIR),
-                   seed=seed)
+def cdcca_job(prof, seed: int, n: int, work: Path, dm) -> tuple[dict, int]:
+    st = run_chats(stream_samples("drift", seed, n), home=work / f"chat-{n}", model=dm, seed=seed)
     job = next(j for j in seam.stream_jobs(prof, "drift", seed, st, work, {}) if j["name"] == f"drift-cdcca-s{seed}")
     job = {k: v for k, v in job.items() if k not in ("delta_blob", "nofisher_budget")}
     return dict(job, name=f"n{n}", budgets=[None, DEFAULT_BUDGET], full_precision=False), len(st.kept_samples)
@@ -38,9 +37,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = ap.parse_args(argv)
     prof = PROFILES[a.profile]
     prof, work = replace(prof, steps=a.steps or prof.steps), Path(tempfile.mkdtemp(prefix="cdcca-round-size-"))
-    jobs, kept = [dict(kind="base", name="base")], {}
+    jobs, kept, dm = [dict(kind="base", name="base")], {}, device_model(DEFAULT_MODEL_DIR)
     for n in a.sizes:
-        job, kept[n] = cdcca_job(prof, a.seed, n, work)
+        job, kept[n] = cdcca_job(prof, a.seed, n, work, dm)
         jobs.append(job)
     with Runner(DEFAULT_MODEL_DIR, prof.eval_n, prof.replay_n, prof.workers) as r:
         res = r.run(jobs)
@@ -54,10 +53,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for n in a.sizes:
         for b in ("unlimited", str(DEFAULT_BUDGET)):
             p = res[f"n{n}"]["patches"][b]
-            rows.append(dict(chats=n, kept=kept[n], patch="every row" if b == "unlimited" else "DWC budget",
-                             bytes=p["bytes"], drifted=acc(p["correct"], pair), gain=acc(p["correct"], pair) - acc(src, pair),
-                             source=acc(p["correct"], ("source",))))
-            r = rows[-1]
+            d = acc(p["correct"], pair)
+            r = dict(chats=n, kept=kept[n], patch="every row" if b == "unlimited" else "DWC budget", bytes=p["bytes"],
+                     drifted=d, gain=d - acc(src, pair), source=acc(p["correct"], ("source",)))
+            rows.append(r)
             print(f"| {n} | {r['kept']} | {r['patch']} | {r['bytes'] / 1024:.0f} | {r['drifted']:.3f} | "
                   f"{100 * r['gain']:+.1f} | {r['source']:.3f} |")
     return rows

@@ -37,6 +37,7 @@ METHODS = (  # (key, label, stream kinds it runs on)
     ("teacher", "Teacher (HF checkpoint, torch-measured; upper bound)", ("drift",)),
 )
 BASELINES = ("source", "pseudo", "vanilla", "random")
+CEILINGS = ("fullft", "capacity")  # seed-independent full fine-tunes (full_ft_jobs): no uplink, every row shipped
 WIN_PTS = 0.02  # issue 12's bar for CDCCA over each baseline on the drifted mean
 ABLATIONS = (  # (job, label, AKD switches): one lever each, against CDCCA's every-row update (same seeds)
     ("cekd", "CE + KD (no feature term)", dict(feat=False)),
@@ -100,7 +101,7 @@ def full_ft_jobs(prof, work: Path) -> list[dict]:
 
 
 def correct_of(res: dict, method: str, kind: str, seed: int) -> list[float]:
-    if method in ("fullft", "capacity"):
+    if method in CEILINGS:
         return res[method]["patches"]["unlimited"]["correct"]
     if method in ("cdcca-budget-nofisher", "cdcca-budget-refit"):  # DWC ablations of the budget patch
         return res[f"{kind}-cdcca-s{seed}"]["patches"][f"{DEFAULT_BUDGET}-{method.rsplit('-', 1)[1]}"]["correct"]
@@ -121,7 +122,7 @@ def _pick(correct, domains, keep) -> list[float]:
 def _downlink(res, method, kind, seeds) -> object:
     if method in ("source", "teacher"):
         return na("no update")
-    if method in ("fullft", "capacity"):
+    if method in CEILINGS:
         return num(res[method]["patches"]["unlimited"]["bytes"] / 1024, "{:.1f}")
     if method == "cdcca":
         return mean_std([res[f"{kind}-cdcca-s{s}"]["patches"][str(DEFAULT_BUDGET)]["bytes"] / 1024 for s in seeds], "{:.1f}")
@@ -146,7 +147,7 @@ def stream_table(res, kind: str, seeds: list[int], uplink: dict, n_per_domain: d
         cells = [mean_std([mean(_pick(c, doms, (d,))) for c in per]) for d in DOMAINS]
         cells += [mean_std(drifted), num(lo), num(hi)]
         ups = [uplink[(kind, s)][{"pseudo": "uts", "cdcca": "uts", "cdcca_full": "uts"}.get(key, key)]
-               for s in seeds] if key not in ("source", "teacher", "fullft", "capacity") else None
+               for s in seeds] if key not in ("source", "teacher", *CEILINGS) else None
         cells += ([mean_std([u[0] for u in ups], "{:.0f}"), mean_std([u[1] / 1024 for u in ups], "{:.1f}")]
                   if ups else [na("no uplink"), na("no uplink")])
         t.add(label, cells + [_downlink(res, key, kind, seeds)])

@@ -33,7 +33,7 @@ from device.contracts.wire import (
 )
 
 from .blobs import BlobStore, private_dir, write_atomic  # noqa: F401  (write_atomic re-exported)
-from .device_tokens import DEVICE_NAME_PATTERN, DeviceRow, DeviceTokens, aware, hash_token  # noqa: F401
+from .device_tokens import DeviceTokens, aware
 from .round_queue import RoundQueue
 from .schema import ACTIVE_STATES, devices, metadata, rounds, samples, utcnow  # noqa: F401
 

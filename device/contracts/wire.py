@@ -17,7 +17,7 @@ SAMPLE_ID_PATTERN = r"^[0-9a-f]{16,64}$"
 ROUND_ID_PATTERN = r"^[0-9a-f]{8,32}$"  # the cloud's secrets.token_hex(8); column String(32)
 MODEL_ID_PATTERN = r"^[0-9a-f]{16,64}$"  # device.contracts.model_id (content hash)
 BASE_MODEL_PATTERN = r"^[0-9A-Za-z_-]{1,128}$"  # a model id in practice; tests use short names
-DEVICE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # == cloud.store's
+DEVICE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # the one pattern (cloud.device_tokens compiles it)
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MAX_TEXT = 4096
 # A round that the cloud lost to its own restart starts its message with this; the device then
